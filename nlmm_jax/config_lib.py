@@ -28,6 +28,7 @@ def model_config() -> ConfigDict:
   m.norm = "pre"                     # "pre" (default) | "post" (post-norm with DeepNorm alpha)
   m.embed_dim = 128                  # joint embedding size
   m.num_latents = 16                 # L_mem: central latent memory slots
+  m.clm_readout = "mean"             # CLM slots -> embedding: "mean" | "attention" (pooling)
   m.dtype = "float32"                # matmul dtype: "float32" | "bfloat16" (params/states stay fp32)
   m.remat = False                    # gradient checkpointing per NL block
   m.dropout = 0.0
@@ -44,7 +45,8 @@ def model_config() -> ConfigDict:
   m.memory.direction = ConfigDict(dict(
       text="causal", image="bidirectional", audio="bidirectional", latent="bidirectional"))
 
-  # Continuum Memory System (design section 3/4). Level order is the chain order.
+  # Continuum Memory System (design section 3/4). ConfigDict sorts keys by name, so the
+  # chain order is by update_every (highest frequency first), ties by name (cms.level_order).
   # Each level: update_every (optimizer steps between updates), lr (peak), optimizer.
   m.cms = ConfigDict()
   m.cms.structure = "parallel"       # "parallel" (sum of levels) | "chain" (paper Eq. 70)
@@ -78,18 +80,21 @@ def optim_config() -> ConfigDict:
   o.eps = 1e-8
   o.momentum = 0.9                   # sgd (Nesterov)
   o.dmgd = ConfigDict(dict(
-      hidden=8,                      # width of the per-coordinate momentum memory m(.)
-      inner_lr=0.01,                 # memory's own step size on its inner objective
-      objective="l2",                # "l2" | "dot"
-      alpha=0.9,                     # decay of the memory (momentum retention)
-      sigma="nsqrt",                 # "identity" | "nsqrt" | "newton_schulz"
+      hidden=8,                      # H: hidden units of the memory's residual MLP (0: linear)
+      inner_lr=0.1,                  # eta: memory's own step size on its inner objective
+      objective="l2",                # "l2" | "dot" (dot + hidden=0 + inner_lr=1: heavy ball)
+      alpha=0.99,                    # retention of the memory (l2: mu <- (alpha-eta) mu + eta g)
+      sigma="nsqrt",                 # "identity" | "nsqrt" (o / sqrt(v_hat), b2, eps)
+                                     # | "newton_schulz" (2-D only; others identity)
       ns_steps=5,
   ))
   o.anderson = ConfigDict(dict(
       history=3,                     # m
-      reg=1e-3,                      # Tikhonov regularisation of the Anderson system
-      trust_region=1.0,              # max ratio |anderson step| / |adam step|
+      reg=1e-3,                      # Tikhonov regularisation, relative to mean |dF_j|^2
+      trust_region=10.0,             # max ratio |anderson step| / |adam step|
       beta=1.0,                      # mixing
+      b1=0.0,                        # Adam first-moment decay inside the AA fixed-point map
+                                     # (0: a stationary map; AA supplies the acceleration)
   ))
   return o
 
@@ -108,6 +113,13 @@ def data_config() -> ConfigDict:
   d.num_workers = 0                  # grain worker processes (0: in-process)
   d.prefetch = 2
   d.eval_batch_size = 128
+  # Log-mel settings (n_mels is model.n_mels); all of them key the cache.
+  d.sample_rate = 16000              # Hz; other rates are resampled with librosa
+  d.n_fft = 400                      # 25 ms window
+  d.hop_length = 160                 # 10 ms hop
+  d.fmax = 8000.0
+  d.log_mel_top_db = 80.0            # log floor: max power * 10^(-top_db/10)
+  d.build_workers = -1               # cache build processes (-1: all cores, 0: in-process)
   return d
 
 

@@ -1,0 +1,310 @@
+"""On-disk cache of decoded images and log-mels: a TFDS builder writing ArrayRecord files.
+
+One record per image (records are written in image order; shuffling on write is disabled,
+and `image_index` is stored in the record anyway):
+  image        uint8 [S, S, 3]         S = image_size + crop_margin
+  captions     string [C]              the image's captions (normally C = 5)
+  has_audio    bool [C]                captions[k] has a spoken recording
+  mel_lengths  int32 [C]               frames of each clip (0 where has_audio is False)
+  mel          float16 [sum(mel_lengths), n_mels]   the clips' log-mels, concatenated
+  image_index  int32                   position of the image in its split
+  image_id     string                  file stem of the image
+
+Layout under `data.cache_dir`:
+  <corpus>-<fingerprint>/                       one folder per corpus (root + index content)
+    tokenizer_vocab<V>.json                     fitted on the corpus' train captions only
+    nlmm_flickr8k/<config>/1.0.0/*.array_record the TFDS dataset
+  index_reports/<corpus>-<hash>.json            what load_index counted and dropped
+The TFDS config name is keyed by the preprocessing settings (stored image size, sample
+rate, n_fft, hop, n_mels, fmax, log floor): changing any of them builds a new dataset next
+to the old one; the same settings reuse it without decoding anything.
+
+Command-line build (the manual dir is a Flickr8k + FACC root):
+  tfds build nlmm_jax/data/cache.py --manual_dir=data/flickr8k --data_dir=DIR
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from typing import Any, Iterator, Optional
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from nlmm_jax.data import features
+from nlmm_jax.data import flickr8k
+from nlmm_jax.data import tokenizer as tokenizer_lib
+
+BUILDER_VERSION = "1.0.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSettings:
+  """Everything that changes the bytes of a cached record."""
+  stored_size: int = 72              # image_size + crop_margin
+  use_audio: bool = True
+  sample_rate: int = 16000
+  n_fft: int = 400
+  hop_length: int = 160
+  n_mels: int = 80
+  fmax: float = 8000.0
+  top_db: float = 80.0
+
+  @classmethod
+  def from_config(cls, config) -> "CacheSettings":
+    d, m = config.data, config.model
+    return cls(stored_size=int(m.image_size + d.crop_margin), use_audio=bool(d.use_audio),
+               sample_rate=int(d.sample_rate), n_fft=int(d.n_fft),
+               hop_length=int(d.hop_length), n_mels=int(m.n_mels), fmax=float(d.fmax),
+               top_db=float(d.log_mel_top_db))
+
+  @property
+  def audio(self) -> features.AudioSettings:
+    return features.AudioSettings(
+        sample_rate=self.sample_rate, n_fft=self.n_fft, hop_length=self.hop_length,
+        n_mels=self.n_mels, fmax=self.fmax, top_db=self.top_db)
+
+  def config_name(self) -> str:
+    blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    digest = hashlib.sha256(blob).hexdigest()[:10]
+    return f"img{self.stored_size}_mel{self.n_mels if self.use_audio else 0}_{digest}"
+
+
+class CacheConfig(tfds.core.BuilderConfig):
+  """A TFDS builder config carrying the preprocessing settings (named by their hash)."""
+
+  def __init__(self, settings: CacheSettings = CacheSettings(), **kwargs):
+    kwargs.setdefault("name", settings.config_name())
+    kwargs.setdefault("description", json.dumps(dataclasses.asdict(settings), sort_keys=True))
+    super().__init__(**kwargs)
+    self.settings = settings
+
+
+def index_fingerprint(index: flickr8k.Flickr8kIndex) -> str:
+  """Hash of what the index selected (ids, paths, captions, recordings) per split."""
+  h = hashlib.sha256()
+  h.update(f"{os.path.abspath(index.root)}|audio={index.has_audio}".encode())
+  for name in sorted(index.splits):
+    h.update(f"\n#{name}".encode())
+    for ex in index.splits[name].examples:
+      h.update(json.dumps([ex.image_id, ex.image_path, list(ex.captions),
+                           list(ex.wav_paths)]).encode())
+  return h.hexdigest()
+
+
+def corpus_dir(cache_dir: str, index: flickr8k.Flickr8kIndex) -> str:
+  name = os.path.basename(os.path.abspath(index.root).rstrip("/")) or "corpus"
+  return os.path.join(os.path.abspath(cache_dir), f"{name}-{index_fingerprint(index)[:12]}")
+
+
+def index_report_path(cache_dir: str, root: str) -> str:
+  root = os.path.abspath(root)
+  digest = hashlib.sha256(root.encode()).hexdigest()[:8]
+  name = os.path.basename(root.rstrip("/")) or "corpus"
+  return os.path.join(os.path.abspath(cache_dir), "index_reports", f"{name}-{digest}.json")
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def preprocess_example(job: tuple) -> dict:
+  """(Example, image_index, CacheSettings) -> one record (runs in pool workers)."""
+  ex, image_index, settings = job
+  image = features.load_image(ex.image_path, settings.stored_size)
+  mels, lengths, has_audio = [], [], []
+  for wav in ex.wav_paths if settings.use_audio else [None] * len(ex.captions):
+    if wav is None:
+      lengths.append(0)
+      has_audio.append(False)
+      continue
+    mel = features.audio_features(wav, settings.audio)  # [T, M] float16
+    mels.append(mel)
+    lengths.append(mel.shape[0])
+    has_audio.append(True)
+  mel = (np.concatenate(mels, 0) if mels
+         else np.zeros((0, settings.n_mels), np.float16))
+  return dict(
+      image=image,
+      captions=np.asarray(list(ex.captions), dtype=object),
+      has_audio=np.asarray(has_audio, bool),
+      mel_lengths=np.asarray(lengths, np.int32),
+      mel=mel,
+      image_index=np.int32(image_index),
+      image_id=ex.image_id,
+  )
+
+
+def _ordered_map(fn, jobs: list, num_workers: int) -> Iterator[Any]:
+  """fn over jobs in order; in `num_workers` spawned processes when > 0 (bounded queue)."""
+  if num_workers <= 0 or len(jobs) < 2:
+    for job in jobs:
+      yield fn(job)
+    return
+  ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+    window = 8 * num_workers
+    pending = [pool.submit(fn, j) for j in jobs[:window]]
+    nxt = len(pending)
+    for i in range(len(jobs)):
+      result = pending[i].result()
+      pending[i] = None
+      if nxt < len(jobs):
+        pending.append(pool.submit(fn, jobs[nxt]))
+        nxt += 1
+      yield result
+
+
+class NlmmFlickr8k(tfds.core.GeneratorBasedBuilder):
+  """Flickr8k (+ FACC) images, captions and log-mels, decoded once."""
+
+  VERSION = tfds.core.Version(BUILDER_VERSION)
+  RELEASE_NOTES = {BUILDER_VERSION: "Images, captions and log-mels per image."}
+  BUILDER_CONFIGS = [CacheConfig(CacheSettings())]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  The manual dir is a Flickr8k root (images in Flicker8k_Dataset/, Flickr8k_Dataset/ or
+  Images/; Flickr8k.token.txt and Flickr_8k.{train,dev,test}Images.txt flat or in
+  Flickr8k_text/) with the Flickr Audio Caption Corpus in flickr_audio/ (wav2capt.txt,
+  wavs/). `python -m nlmm_jax.data.demo --output_dir=DIR` writes a small one.
+  """
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS's default probes package resources through `importlib_resources`, which is not
+    # a dependency here; the builder's own file is what it looks for.
+    return epath.Path(__file__)
+
+  def __init__(self, *, index: Optional[flickr8k.Flickr8kIndex] = None,
+               num_workers: int = 0, **kwargs):
+    self._index = index
+    self._num_workers = num_workers
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    s = self.builder_config.settings
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Flickr8k + FACC, decoded: uint8 images, captions, float16 log-mels.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(s.stored_size, s.stored_size, 3),
+                                          dtype=np.uint8),
+            "captions": tfds.features.Tensor(shape=(None,), dtype=np.str_),
+            "has_audio": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+            "mel_lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "mel": tfds.features.Tensor(shape=(None, s.n_mels), dtype=np.float16),
+            "image_index": tfds.features.Scalar(dtype=np.int32),
+            "image_id": tfds.features.Text(),
+        }),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    index = self._index
+    if index is None:
+      index = flickr8k.load_index(os.fspath(dl_manager.manual_dir),
+                                  use_audio=self.builder_config.settings.use_audio)
+    return {name: self._generate_examples(split.examples)
+            for name, split in index.splits.items() if split.examples}
+
+  def _generate_examples(self, examples):
+    s = self.builder_config.settings
+    jobs = [(ex, i, s) for i, ex in enumerate(examples)]
+    for i, record in enumerate(_ordered_map(preprocess_example, jobs, self._num_workers)):
+      yield i, record
+
+
+# ----------------------------------------------------------------------------- public
+
+
+@dataclasses.dataclass
+class CacheHandle:
+  """Where a built cache lives and what it holds."""
+  dataset_dir: str                   # .../nlmm_flickr8k/<config>/1.0.0
+  data_dir: str                      # the TFDS data_dir (one per corpus)
+  config_name: str
+  settings: CacheSettings
+  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer_path: str
+  counts: dict                       # {split: images}
+  clip_counts: dict                  # {split: spoken captions present}
+  caption_counts: dict               # {split: captions}
+  has_audio: bool
+  report: dict                       # built (bool), seconds, bytes, files, ...
+
+  def data_source(self, split: str):
+    """Random-access source of the split's records (picklable, for grain)."""
+    if split not in self.counts:
+      raise KeyError(f"split {split!r} not in the cache (has {sorted(self.counts)})")
+    return tfds.builder_from_directory(self.dataset_dir).as_data_source(split=split)
+
+
+def _dir_size(path: str) -> tuple[int, int]:
+  total, files = 0, 0
+  for dirpath, _, names in os.walk(path):
+    for n in names:
+      total += os.path.getsize(os.path.join(dirpath, n))
+      files += 1
+  return total, files
+
+
+def build_cache(index: flickr8k.Flickr8kIndex, config) -> CacheHandle:
+  """Builds (or reuses) the cache of `index` at the settings of `config`."""
+  settings = CacheSettings.from_config(config)
+  if settings.use_audio and not index.has_audio:
+    settings = dataclasses.replace(settings, use_audio=False)
+  data_dir = corpus_dir(config.data.cache_dir, index)
+  os.makedirs(data_dir, exist_ok=True)
+
+  workers = int(config.data.build_workers)
+  if workers < 0:
+    workers = os.cpu_count() or 1
+  builder_config = CacheConfig(settings)
+  if any(c.name == builder_config.name for c in NlmmFlickr8k.BUILDER_CONFIGS):
+    builder_config = builder_config.name  # TFDS refuses a custom config named as a listed one
+  builder = NlmmFlickr8k(index=index, num_workers=workers, config=builder_config,
+                         data_dir=data_dir, file_format="array_record")
+  already = builder.is_prepared()
+  t0 = time.perf_counter()
+  if not already:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(index.root)))
+  seconds = time.perf_counter() - t0
+  dataset_dir = os.fspath(builder.data_path)
+
+  vocab = int(config.model.vocab_size)
+  tok_path = os.path.join(data_dir, f"tokenizer_vocab{vocab}.json")
+  if os.path.exists(tok_path):
+    tok = tokenizer_lib.Tokenizer.load(tok_path)
+  else:
+    train = index.splits.get("train")
+    if train is None or not train.examples:
+      raise ValueError(f"{index.root}: no train split to fit the tokenizer on")
+    tok = tokenizer_lib.Tokenizer.fit((c for ex in train.examples for c in ex.captions), vocab)
+    tok.save(tok_path)
+
+  counts, clips, caps = {}, {}, {}
+  for name, split in index.splits.items():
+    if not split.examples:
+      continue
+    counts[name] = len(split.examples)
+    caps[name] = sum(len(ex.captions) for ex in split.examples)
+    clips[name] = (sum(w is not None for ex in split.examples for w in ex.wav_paths)
+                   if settings.use_audio else 0)
+  stored = {name: int(builder.info.splits[name].num_examples) for name in counts}
+  if stored != counts:
+    raise RuntimeError(f"cache {dataset_dir} holds {stored} images but the index has "
+                       f"{counts}; delete the folder to rebuild it")
+  size, files = _dir_size(dataset_dir)
+  report = dict(built=not already, seconds=round(seconds, 3), bytes=size, files=files,
+                dataset_dir=dataset_dir, workers=workers if not already else 0,
+                images=counts, clips=clips)
+  return CacheHandle(
+      dataset_dir=dataset_dir, data_dir=data_dir, config_name=builder.builder_config.name,
+      settings=settings, tokenizer=tok, tokenizer_path=tok_path, counts=counts,
+      clip_counts=clips, caption_counts=caps,
+      has_audio=settings.use_audio and sum(clips.values()) > 0, report=report)

@@ -1,0 +1,110 @@
+"""Cross-modal retrieval evaluation (design section 5).
+
+Protocol: a split's unique images x their captions x their spoken captions. Each modality
+is embedded on its own (`NLMM.embed`), so nothing about one modality reaches another's
+embedding. For each of the six directions (I->T, T->I, I->A, A->I, T->A, A->T) a query
+hits at K when any relevant gallery item (same image) is among its top K. Ties count
+against the query: the rank of a query is the number of irrelevant gallery items scoring
+at least as high as its best relevant item, so a collapsed model (all scores equal)
+scores 0, never 100%.
+
+Reported (all in percent): `<dir>_R@<K>` for the 18 direction x K pairs, `mean_R@<K>`
+over the six directions, `mean` over all 18, and `rsum` (their sum, at most 1800).
+"""
+
+from typing import Callable, Iterable, Mapping, Optional
+
+import numpy as np
+
+MODALITY_SHORT = {"image": "i", "text": "t", "audio": "a"}
+DIRECTIONS = (("image", "text"), ("text", "image"), ("image", "audio"),
+              ("audio", "image"), ("text", "audio"), ("audio", "text"))
+KS = (1, 5, 10)
+
+
+def direction_name(query: str, gallery: str) -> str:
+  return f"{MODALITY_SHORT[query]}2{MODALITY_SHORT[gallery]}"
+
+
+def ranks_of_best_relevant(sim: np.ndarray, query_ids: np.ndarray,
+                           gallery_ids: np.ndarray, chunk: int = 1024) -> np.ndarray:
+  """Rank (0 = top) of each query's best relevant item, ties counted against it.
+
+  sim: [Q, G] similarities; query_ids [Q], gallery_ids [G]: the image each item shows
+  (relevant = same image). Queries with no relevant item get rank -1.
+  """
+  sim = np.asarray(sim, np.float32)
+  ranks = np.empty(sim.shape[0], np.int64)
+  for start in range(0, sim.shape[0], chunk):
+    s = sim[start:start + chunk]                                   # [q, G]
+    rel = query_ids[start:start + chunk, None] == gallery_ids[None, :]
+    best = np.where(rel, s, -np.inf).max(axis=1)                   # [q]
+    r = ((s >= best[:, None]) & ~rel).sum(axis=1)
+    ranks[start:start + chunk] = np.where(rel.any(axis=1), r, -1)
+  return ranks
+
+
+def recall_at_k(ranks: np.ndarray, ks: Iterable[int] = KS) -> dict[int, float]:
+  """Percent of queries (with at least one relevant item) whose rank is below K."""
+  valid = ranks >= 0
+  if not valid.any():
+    raise ValueError("no query has a relevant gallery item; cannot compute recall")
+  return {k: float(100.0 * np.mean(ranks[valid] < k)) for k in ks}
+
+
+def retrieval_metrics(embeddings: Mapping[str, np.ndarray],
+                      image_index: Mapping[str, np.ndarray],
+                      ks: Iterable[int] = KS) -> dict[str, float]:
+  """All directions between the modalities present.
+
+  embeddings: {modality: [N_m, E]} L2-normalised; image_index: {modality: [N_m]} the
+  split image each row shows (for "image", usually arange(N)).
+  """
+  ks = tuple(ks)
+  out: dict[str, float] = {}
+  for query, gallery in DIRECTIONS:
+    if query not in embeddings or gallery not in embeddings:
+      continue
+    sim = np.asarray(embeddings[query], np.float32) @ np.asarray(
+        embeddings[gallery], np.float32).T
+    ranks = ranks_of_best_relevant(sim, np.asarray(image_index[query]),
+                                   np.asarray(image_index[gallery]))
+    name = direction_name(query, gallery)
+    for k, v in recall_at_k(ranks, ks).items():
+      out[f"{name}_R@{k}"] = v
+    out[f"{name}_num_queries"] = int((ranks >= 0).sum())
+  recalls = {key: v for key, v in out.items() if "_R@" in key}
+  if not recalls:
+    raise ValueError(f"need at least two modalities, got {sorted(embeddings)}")
+  for k in ks:
+    vals = [v for key, v in recalls.items() if key.endswith(f"_R@{k}")]
+    out[f"mean_R@{k}"] = float(np.mean(vals))
+  out["mean"] = float(np.mean(list(recalls.values())))
+  out["rsum"] = float(np.sum(list(recalls.values())))
+  return out
+
+
+def embed_all(embed_fn: Callable[[str, dict], np.ndarray],
+              batches: Mapping[str, Callable[[], Iterable[dict]]],
+              progress: Optional[Callable[[str], None]] = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Embeds every item of each modality once, keeping rows whose `valid` flag is set.
+
+  embed_fn(modality, batch) -> [B, E] numpy; batches: {modality: () -> iterator of
+  batches with `image_index` [B] and `valid` [B]}.
+  """
+  embs, ids = {}, {}
+  for modality, make_iter in batches.items():
+    e_parts, i_parts = [], []
+    for batch in make_iter():
+      valid = np.asarray(batch["valid"], bool)
+      e = np.asarray(embed_fn(modality, batch))
+      e_parts.append(e[valid])
+      i_parts.append(np.asarray(batch["image_index"])[valid])
+    if not e_parts:
+      raise ValueError(f"the eval split has no {modality} items")
+    embs[modality] = np.concatenate(e_parts)
+    ids[modality] = np.concatenate(i_parts)
+    if progress:
+      progress(f"embedded {len(ids[modality])} {modality} items")
+  return embs, ids

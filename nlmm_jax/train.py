@@ -1,0 +1,453 @@
+"""`train_and_evaluate(config, workdir)`: the training loop and nothing else.
+
+One jitted train step over a `Mesh(('data', 'fsdp'))`: the global batch is sharded over
+every device of every host, parameters and optimizer state are replicated (fsdp=1) or
+sharded over the `fsdp` axis; the contrastive loss is computed on the global arrays, so
+negatives come from the whole global batch and XLA inserts the collectives.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+
+from nlmm_jax import checkpointing
+from nlmm_jax import evaluate
+from nlmm_jax import logging as nl_logging
+from nlmm_jax import losses
+from nlmm_jax.data import pipeline
+from nlmm_jax.models import nlmm
+from nlmm_jax.optim import levels
+
+MODALITY_KEYS = {"image": ("image",), "text": ("text", "text_mask"),
+                 "audio": ("audio", "audio_mask")}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # [] int32: optimizer steps taken
+  params: Any
+  opt_state: Any           # every CMS level's MultiSteps counters live here
+  rng: jax.Array           # [2] uint32 raw PRNG key (checkpointable)
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """('data', 'fsdp') mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
+  fsdp = int(config.train.mesh.fsdp)
+  data = int(config.train.mesh.data)
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"train.mesh.fsdp={fsdp} must divide the device count {n}")
+  if data == -1:
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f"train.mesh.data * train.mesh.fsdp = {data}*{fsdp} != {n} devices")
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(auto, auto),
+                       devices=devices)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def state_sharding(abstract_tree: Any, mesh) -> Any:
+  """Replicated, or each array's largest `fsdp`-divisible dimension sharded on `fsdp`."""
+  n = mesh.shape["fsdp"]
+
+  def leaf(x):
+    if n > 1 and getattr(x, "ndim", 0) > 0:
+      for dim in sorted(range(x.ndim), key=lambda i: -x.shape[i]):
+        if x.shape[dim] % n == 0:
+          spec = [None] * x.ndim
+          spec[dim] = "fsdp"
+          return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(leaf, abstract_tree)
+
+
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+  """Host-local numpy batch -> global jax.Arrays (each process holds its rows)."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def dummy_batch(model_cfg, batch_size: int = 1, with_audio: bool = True) -> dict:
+  m = model_cfg
+  b = {"image": np.zeros((batch_size, m.image_size, m.image_size, 3), np.float32),
+       "text": np.ones((batch_size, m.max_text_len), np.int32),
+       "text_mask": np.ones((batch_size, m.max_text_len), bool)}
+  if with_audio:
+    b["audio"] = np.zeros((batch_size, m.max_frames, m.n_mels), np.float32)
+    b["audio_mask"] = np.ones((batch_size, m.max_frames), bool)
+  return b
+
+
+def make_init_fn(model, tx, config) -> Callable[[jax.Array], TrainState]:
+  def init(rng):
+    rng, init_rng = jax.random.split(rng)
+    params = model.init(init_rng, dummy_batch(config.model))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=rng)
+  return init
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, loss_cfg):
+  """One optimizer step. A non-finite loss or gradient leaves the state unchanged."""
+  rng, dropout_rng = jax.random.split(state.rng)
+
+  def loss_fn(params):
+    embeddings, logit_scale = model.apply({"params": params}, batch, train=True,
+                                          rngs={"dropout": dropout_rng})
+    loss, metrics = losses.contrastive_loss(embeddings, logit_scale, loss_cfg)
+    return loss, (metrics, logit_scale)
+
+  (loss, (metrics, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+  new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+  metrics = dict(metrics)
+  metrics.update({"loss": loss, "grad_norm": grad_norm,
+                  "param_norm": optax.global_norm(params),
+                  "temperature": 1.0 / logit_scale, "finite": finite})
+  return new, metrics
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+class Evaluator:
+  """Embeds each modality of a split on its own and scores the retrieval protocol."""
+
+  def __init__(self, model, mesh, params_sharding, config):
+    self.config = config
+    self.mesh = mesh
+    self.sharding = batch_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
+    self._embed = {}
+    for modality, keys in MODALITY_KEYS.items():
+      def fn(params, inputs, modality=modality):
+        return model.apply({"params": params}, inputs, modality, method=nlmm.NLMM.embed)
+      self._embed[modality] = jax.jit(
+          fn, in_shardings=(params_sharding, {k: self.sharding for k in keys}),
+          out_shardings=replicated)
+
+  def _local_rows(self, batch: dict, keys) -> dict:
+    """Every process loads the same eval batch and contributes its own rows."""
+    n, i = jax.process_count(), jax.process_index()
+    rows = len(batch[keys[0]]) // n
+    return {k: np.asarray(batch[k])[i * rows:(i + 1) * rows] for k in keys}
+
+  def __call__(self, params, data_handle, split: str) -> dict:
+    iters = pipeline.eval_iterators(data_handle, self.config, split)
+    sources = {"image": iters.images, "text": iters.captions}
+    if getattr(data_handle, "has_audio", False):
+      sources["audio"] = iters.audio
+
+    def embed_fn(modality, batch):
+      keys = MODALITY_KEYS[modality]
+      inputs = to_global(self._local_rows(batch, keys), self.sharding)
+      return np.asarray(self._embed[modality](params, inputs))
+
+    embs, ids = evaluate.embed_all(embed_fn, sources)
+    return evaluate.retrieval_metrics(embs, ids)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _check_config(config, steps_per_epoch: int) -> int:
+  n = jax.device_count()
+  if config.train.batch_size % n:
+    raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by "
+                     f"the {n} devices")
+  if config.data.eval_batch_size % n:
+    raise ValueError(f"data.eval_batch_size={config.data.eval_batch_size} must be "
+                     f"divisible by the {n} devices")
+  total = (config.train.epochs * steps_per_epoch if config.train.epochs > 0
+           else config.train.total_steps)
+  if total <= 0:
+    raise ValueError("set train.total_steps > 0 or train.epochs > 0")
+  return int(total)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[key] = v
+    else:
+      out[key] = str(v)
+  return out
+
+
+class _Sigterm:
+  """Turns SIGTERM into a flag the loop checks: save, then exit cleanly."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, for_training: bool = True):
+  """Data, model, optimizer, mesh, shardings and a freshly initialised state."""
+  data = pipeline.prepare(config)
+  steps_per_epoch = pipeline.steps_per_epoch(data, config)
+  total_steps = _check_config(config, steps_per_epoch)
+  config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
+  config.train.total_steps = total_steps
+  mesh = make_mesh(config)
+  model = nlmm.build_model(config.model)
+  tx = levels.build_optimizer(config)
+  init_fn = make_init_fn(model, tx, config)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(init_fn, rng)
+  shardings = state_sharding(abstract_state, mesh)
+  state = jax.jit(init_fn, out_shardings=shardings)(rng)
+  return dict(config=config, data=data, mesh=mesh, model=model, tx=tx, state=state,
+              shardings=shardings, total_steps=total_steps,
+              steps_per_epoch=steps_per_epoch)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, evaluates on dev every `eval_every` steps and on test at the end.
+
+  Restarting with the same workdir resumes from the latest checkpoint exactly (state,
+  optimizer counters, RNG, data iterator). Returns the final test metrics.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  s = setup(config, workdir)
+  config, data, mesh, model, tx, state, shardings, total_steps = (
+      s["config"], s["data"], s["mesh"], s["model"], s["tx"], s["state"],
+      s["shardings"], s["total_steps"])
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info("devices=%d (%s) processes=%d mesh=%s params=%s steps=%d (%d/epoch)",
+               jax.device_count(), jax.devices()[0].platform, jax.process_count(),
+               dict(mesh.shape), f"{n_params:,}", total_steps, s["steps_per_epoch"])
+
+  b_sharding = batch_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, loss_cfg=config.loss),
+      in_shardings=(shardings, b_sharding), out_shardings=(shardings, None),
+      donate_argnums=(0,))
+  evaluator = Evaluator(model, mesh, shardings.params, config)
+  train_iter = pipeline.train_iterator(data, config, seed=config.seed,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+  manager = checkpointing.make_manager(workdir, config)
+  latest = manager.latest_step()
+  if latest is not None:
+    state, train_iter = checkpointing.restore(manager, latest, state, train_iter)
+    logging.info("Resumed from %s step %d", checkpointing.checkpoint_dir(workdir), latest)
+    if is_main:
+      for name in (nl_logging.TRAIN_JSONL, nl_logging.EVAL_JSONL):
+        nl_logging.truncate_jsonl(os.path.join(workdir, name), latest)
+  elif config.init_from:
+    params, src_step = checkpointing.restore_params(config.init_from, state.params)
+    state = state.replace(params=params)
+    logging.info("New run initialised from %s (step %d)", config.init_from, src_step)
+  step = int(state.step)
+
+  writer = nl_logging.create_writer(workdir, is_main)
+  if step == 0:
+    writer.write_hparams(_flatten(config.to_dict()))
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_secs=None, every_steps=config.train.log_every)
+  bar = None
+  if is_main and config.train.progress_bar:
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=total_steps, initial=step, desc="train", unit="step",
+                    dynamic_ncols=True)
+
+  pending: list[tuple[int, dict]] = []
+  t_last, examples = time.time(), 0
+
+  def flush_metrics(upto_step: int):
+    nonlocal t_last, examples
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    bad = [st for (st, _), m in zip(pending, fetched) if not bool(m["finite"])]
+    if bad:
+      manager.wait_until_finished()
+      good = manager.latest_step()
+      where = (f"step {good} in {checkpointing.checkpoint_dir(workdir)} (rerunning with this "
+               "workdir resumes from it)" if good is not None else
+               "none yet (the run had not saved one)")
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient at step {bad[0]}; that update was not applied. "
+          f"Last good checkpoint: {where}. Lower optim.lr, raise optim.warmup_steps or "
+          "check the data before restarting.")
+    scalars = {}
+    for key in fetched[0]:
+      if key == "finite":
+        continue
+      name = key if "/" in key else f"train/{key}"
+      name = name if name.startswith("train/") else f"train/{name}"
+      scalars[name] = float(np.mean([m[key] for m in fetched]))
+    dt = time.time() - t_last
+    scalars["train/examples_per_sec"] = examples / max(dt, 1e-9)
+    for label, lr in levels.learning_rates(config, upto_step).items():
+      scalars[f"lr/{label}"] = float(lr)
+    writer.write_scalars(upto_step, scalars)
+    if is_main:
+      nl_logging.append_jsonl(os.path.join(workdir, nl_logging.TRAIN_JSONL),
+                              {"step": upto_step, **scalars})
+      if bar is not None:
+        bar.set_postfix(loss=f"{scalars['train/loss']:.3f}")
+    pending.clear()
+    t_last, examples = time.time(), 0
+
+  def run_eval(split: str, params, at_step: int) -> dict:
+    t0 = time.time()
+    metrics = evaluator(params, data, split)
+    metrics["eval_seconds"] = time.time() - t0
+    writer.write_scalars(at_step, {f"eval_{split}/{k}": v for k, v in metrics.items()})
+    if is_main:
+      nl_logging.append_jsonl(os.path.join(workdir, nl_logging.EVAL_JSONL),
+                              {"step": at_step, "split": split, **metrics})
+      with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+        json.dump({"step": at_step, **metrics}, f, indent=2)
+    logging.info("eval %s step %d: mean_R@1=%.2f rsum=%.1f", split, at_step,
+                 metrics["mean_R@1"], metrics["rsum"])
+    return metrics
+
+  global_batch = config.train.batch_size
+  with _Sigterm() as sigterm:
+    while step < total_steps:
+      batch = to_global(next(train_iter), b_sharding)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      examples += global_batch
+      pending.append((step, metrics))
+      report(step)
+      if bar is not None:
+        bar.update(1)
+      last = step == total_steps
+      if step % config.train.log_every == 0 or last:
+        flush_metrics(step)
+      if step % config.train.eval_every == 0 or last:
+        flush_metrics(step)
+        dev = run_eval("dev", state.params, step)
+        if is_main:
+          nl_logging.plot_progress(workdir)
+        checkpointing.save(manager, step, state, train_iter, config,
+                           metrics={checkpointing.BEST_METRIC: dev[checkpointing.BEST_METRIC]})
+      elif step % config.train.checkpoint_every == 0:
+        flush_metrics(step)
+        checkpointing.save(manager, step, state, train_iter, config)
+      preempted = sigterm.received or manager.reached_preemption(step)
+      if preempted and not last:
+        flush_metrics(step)
+        if step not in manager.all_steps():
+          checkpointing.save(manager, step, state, train_iter, config)
+        manager.wait_until_finished()
+        writer.flush()
+        logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
+                        step)
+        if bar is not None:
+          bar.close()
+        return {"stopped_at": step}
+  if bar is not None:
+    bar.close()
+  manager.wait_until_finished()
+
+  # Test with the best checkpoint by dev RSUM.
+  best = manager.best_step() or step
+  if best != step:
+    restored, _ = checkpointing.restore(manager, best, state)
+    params = restored.params
+  else:
+    params = state.params
+  test = run_eval("test", params, step)
+  test["best_step"] = best
+  if is_main:
+    with open(os.path.join(workdir, "eval_test.json"), "w") as f:
+      json.dump({"step": step, "best_step": best, **test}, f, indent=2)
+    nl_logging.plot_progress(workdir)
+  writer.flush()
+  manager.close()
+  return test
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        splits=("test",)) -> dict:
+  """--mode=eval: the best checkpoint of `workdir` (or `config.init_from`) on `splits`."""
+  workdir = os.path.abspath(workdir)
+  s = setup(config, workdir)
+  config, state = s["config"], s["state"]
+  if config.init_from:
+    params, step = checkpointing.restore_params(config.init_from, state.params)
+  else:
+    manager = checkpointing.make_manager(workdir, config, read_only=True)
+    step = manager.best_step()
+    if step is None:
+      raise FileNotFoundError(
+          f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first or set "
+          "--config.init_from=PATH")
+    restored, _ = checkpointing.restore(manager, step, state)
+    params = restored.params
+  evaluator = Evaluator(s["model"], s["mesh"], s["shardings"].params, config)
+  out = {}
+  for split in splits:
+    metrics = evaluator(params, s["data"], split)
+    out[split] = metrics
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+        json.dump({"step": int(step), **metrics}, f, indent=2)
+    logging.info("eval %s (checkpoint step %d): mean_R@1=%.2f rsum=%.1f", split, step,
+                 metrics["mean_R@1"], metrics["rsum"])
+  return out

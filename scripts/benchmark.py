@@ -1,0 +1,260 @@
+"""Project benchmarks: one function per section, each printing a table of its figures.
+
+  python scripts/benchmark.py                      # all sections
+  python scripts/benchmark.py --only memory        # some sections (comma-separated)
+  python scripts/benchmark.py --json figures.json  # also write the figures
+
+Times are wall-clock seconds after compilation (median of --repeats runs, each ended by
+`block_until_ready`). Memory: the device's peak bytes in use where the backend reports
+it (GPU/TPU `memory_stats()`), and always XLA's compiled memory analysis
+(argument + output + temp bytes of the jitted function).
+
+To add a section: write `bench_<name>(args) -> list[dict]` (one dict per table row) and
+register it in SECTIONS.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Row = Dict[str, object]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def time_fn(fn: Callable, *args, repeats: int = 5) -> float:
+  """Median wall time (s) of fn(*args) over `repeats` runs, after one warm-up run."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def compiled_memory(jitted, *args) -> Dict[str, float]:
+  """XLA's memory analysis of a jitted function (MiB), or {} where unavailable."""
+  try:
+    analysis = jitted.lower(*args).compile().memory_analysis()
+  except Exception:  # some backends do not implement it
+    return {}
+  if analysis is None:
+    return {}
+  mib = lambda n: float(n) / 2**20
+  arg = mib(getattr(analysis, "argument_size_in_bytes", 0))
+  out = mib(getattr(analysis, "output_size_in_bytes", 0))
+  temp = mib(getattr(analysis, "temp_size_in_bytes", 0))
+  return {"arg_mib": arg, "out_mib": out, "temp_mib": temp, "total_mib": arg + out + temp}
+
+
+def device_peak_mib() -> float:
+  """Peak bytes in use on device 0 (MiB) where the backend reports it, else NaN."""
+  stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+  if not stats or "peak_bytes_in_use" not in stats:
+    return float("nan")
+  return stats["peak_bytes_in_use"] / 2**20
+
+
+def print_table(title: str, rows: List[Row]) -> None:
+  """Prints rows (dicts with the same keys) as an aligned text table."""
+  print(f"\n== {title} ==")
+  if not rows:
+    print("(no rows)")
+    return
+  keys = list(rows[0].keys())
+
+  def fmt(x):
+    if isinstance(x, float):
+      return "nan" if x != x else (f"{x:.4g}" if abs(x) < 1e4 else f"{x:.0f}")
+    return str(x)
+
+  cells = [[fmt(r.get(k, "")) for k in keys] for r in rows]
+  widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+  print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+  for c in cells:
+    print("  ".join(x.rjust(w) for x, w in zip(c, widths)))
+
+
+# ----------------------------------------------------------------------------- memory
+
+def bench_memory(args) -> List[Row]:
+  """Fast-weight memory (nlmm_jax.models.fast_weights), forward + backward.
+
+  Recurrent (lax.scan over tokens) vs chunked (C = --chunk_size), both rules, at
+  T = --seq_len, 8 heads of 64 (d = 512), batch --batch; then a T sweep of the chunked
+  form. Gradients w.r.t. q, k, v (and beta for delta) of <y, w>.
+  """
+  from nlmm_jax.models import fast_weights as fw
+
+  b, h, e, c = args.batch, 8, 64, args.chunk_size
+
+  def inputs(t):
+    ks = jax.random.split(jax.random.PRNGKey(0), 5)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q = unit(jax.random.normal(ks[0], (b, h, t, e)))
+    k = unit(jax.random.normal(ks[1], (b, h, t, e)))
+    v = jax.random.normal(ks[2], (b, h, t, e))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, h, t)))
+    w = jax.random.normal(ks[4], (b, h, t, e))
+    mask = jnp.ones((b, t), bool)
+    return q, k, v, beta, mask, w
+
+  def fwd_bwd(form, rule):
+    def loss(q, k, v, beta, mask, w):
+      y = fw.fast_weight_memory(q, k, v, beta, None, mask, rule=rule, form=form,
+                                chunk_size=c)
+      return jnp.sum(y * w)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+
+  def measure(form, rule, t, repeats):
+    args_t = inputs(t)
+    fn = fwd_bwd(form, rule)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args_t))
+    compile_s = time.perf_counter() - t0
+    sec = time_fn(fn, *args_t, repeats=repeats)
+    mem = compiled_memory(fn, *args_t)
+    return dict(form=form, rule=rule, T=t, B=b, H=h, e=e,
+                C=c if form == "chunked" else "-", compile_s=compile_s, fwd_bwd_s=sec,
+                tok_per_s=b * t / sec, xla_total_mib=mem.get("total_mib", float("nan")),
+                xla_temp_mib=mem.get("temp_mib", float("nan")),
+                device_peak_mib=device_peak_mib())
+
+  rows = []
+  t = args.seq_len
+  for rule in ("hebbian", "delta"):
+    rec = measure("recurrent", rule, t, max(1, args.repeats // 2))
+    chk = measure("chunked", rule, t, args.repeats)
+    ratio = rec["fwd_bwd_s"] / chk["fwd_bwd_s"]
+    rec["rec/chunked"] = ratio
+    chk["rec/chunked"] = ratio
+    rows += [rec, chk]
+  print_table(f"memory: recurrent vs chunked, fwd+bwd, T={t}, d={h * e}, batch={b} "
+              f"[{jax.devices()[0].platform}]", rows)
+
+  sweep = []
+  for rule in ("hebbian", "delta"):
+    for t in args.sweep:
+      r = measure("chunked", rule, t, args.repeats)
+      r["rec/chunked"] = float("nan")
+      sweep.append(r)
+  print_table(f"memory: chunked T sweep (C={c}) [{jax.devices()[0].platform}]", sweep)
+  return rows + sweep
+
+
+# ----------------------------------------------------------------------------- optim
+
+def bench_optim(args) -> List[Row]:
+  """One optimizer step (update + apply_updates, params and state donated) by optimizer.
+
+  The parameter tree is the --optim_config model's (`nlmm.abstract_params`, via
+  jax.eval_shape of the model init), filled with random values. Every label (default and
+  the CMS levels, with their configured update_every) uses the optimizer of the row, as
+  built by `levels.build_optimizer`. Random gradients, fixed across steps.
+  """
+  from nlmm_jax import config_lib
+  from nlmm_jax.models import nlmm
+  from nlmm_jax.optim import levels
+
+  base = config_lib.load_config(args.optim_config)
+  abstract = nlmm.abstract_params(base)
+  n_params = nlmm.param_count(abstract)
+  leaves, treedef = jax.tree.flatten(abstract)
+
+  @jax.jit
+  def random_tree(key, scale):
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([scale * jax.random.normal(k, x.shape, x.dtype)
+                              for k, x in zip(keys, leaves)])
+
+  params = random_tree(jax.random.PRNGKey(0), 0.02)
+  grads = random_tree(jax.random.PRNGKey(1), 1e-3)
+  mib = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
+
+  rows = []
+  for name in ("adamw", "dmgd", "anderson"):
+    cfg = config_lib.load_config(args.optim_config)
+    cfg.optim.optimizer = name
+    for level in cfg.model.cms.levels.values():
+      level.optimizer = name
+    opt = levels.build_optimizer(cfg)
+    state = jax.jit(opt.init)(params)
+
+    def step(p, s, g):
+      u, s = opt.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    mem = compiled_memory(step, params, state, grads)
+    t0 = time.perf_counter()
+    params, state = jax.block_until_ready(step(params, state, grads))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(max(1, args.repeats)):
+      t0 = time.perf_counter()
+      params, state = jax.block_until_ready(step(params, state, grads))
+      times.append(time.perf_counter() - t0)
+    rows.append(dict(optimizer=name, params_m=n_params / 1e6, state_mib=mib(state),
+                     compile_s=compile_s, ms_per_step=1e3 * statistics.median(times),
+                     xla_temp_mib=mem.get("temp_mib", float("nan"))))
+    del state
+  for r in rows:
+    r["vs_adamw"] = r["ms_per_step"] / rows[0]["ms_per_step"]
+  print_table(f"optim: one step on the {args.optim_config} parameter tree "
+              f"({n_params / 1e6:.1f}M params) [{jax.devices()[0].platform}]", rows)
+  return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Row]]] = {
+    "memory": bench_memory,
+    "optim": bench_optim,
+}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--only", default="", help="comma-separated sections: "
+                      + ", ".join(SECTIONS) + " (default: all)")
+  parser.add_argument("--json", default="", help="also write the figures to this path")
+  parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure")
+  # memory section
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq_len", type=int, default=1024)
+  parser.add_argument("--chunk_size", type=int, default=64)
+  parser.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")],
+                      default=[256, 512, 1024], help="T values of the chunked sweep")
+  # optim section
+  parser.add_argument("--optim_config", default="small",
+                      help="config whose model parameter tree the optimizers step")
+  args = parser.parse_args(argv)
+
+  names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SECTIONS)
+  unknown = [n for n in names if n not in SECTIONS]
+  if unknown:
+    parser.error(f"unknown section(s) {unknown}; available: {list(SECTIONS)}")
+
+  print(f"jax {jax.__version__}, devices: {jax.devices()}")
+  figures = {"meta": {"jax": jax.__version__, "platform": jax.devices()[0].platform,
+                      "device": str(jax.devices()[0]), "argv": sys.argv[1:]}}
+  for name in names:
+    figures[name] = SECTIONS[name](args)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(figures, f, indent=2, default=str)
+    print(f"\nfigures written to {args.json}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,458 @@
+"""Optimizers (nlmm_jax/optim): DMGD, universal Anderson, CMS level routing, checkpoints.
+
+Every check compares with numbers computed independently here: NumPy re-implementations
+of the documented formulas, optax reference optimizers, known optima.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from nlmm_jax import config_lib
+from nlmm_jax.optim import anderson as anderson_lib
+from nlmm_jax.optim import dmgd as dmgd_lib
+from nlmm_jax.optim import levels
+
+
+def _random_tree(rng, tree):
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), tree)
+
+
+def _quadratic(n, cond, seed):
+  """f(x) = 1/2 (x - x*)^T A (x - x*), A rotated, eigenvalues log-spaced in [1, cond]."""
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  a = q @ np.diag(np.logspace(0, math.log10(cond), n)) @ q.T
+  x_star = rng.normal(size=(n,))
+  return a, x_star
+
+
+def _run_scan(opt, loss, x0, steps):
+  """Runs `steps` updates under one jit; returns the trajectory [steps, ...] and state."""
+  params = {"x": jnp.asarray(x0, jnp.float32)}
+
+  def body(carry, _):
+    p, s = carry
+    g = jax.grad(loss)(p)
+    u, s = opt.update(g, s, p)
+    p = optax.apply_updates(p, u)
+    return (p, s), p["x"]
+
+  (p, s), xs = jax.jit(lambda c: jax.lax.scan(body, c, None, length=steps))(
+      (params, opt.init(params)))
+  return np.asarray(xs), s
+
+
+# ----------------------------------------------------------------------------- DMGD
+
+
+def test_dmgd_linear_memory_dot_objective_is_heavy_ball():
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+  lr, beta = 0.05, 0.9
+  opt = dmgd_lib.dmgd(lr, hidden=0, objective="dot", alpha=beta, inner_lr=1.0,
+                      sigma="identity")
+  ref = optax.sgd(lr, momentum=beta)
+  p1, p2, s1, s2 = params, params, opt.init(params), ref.init(params)
+  step1, step2 = jax.jit(opt.update), jax.jit(ref.update)
+  for _ in range(20):
+    g = _random_tree(rng, params)
+    u1, s1 = step1(g, s1, p1)
+    u2, s2 = step2(g, s2, p2)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+  for k in params:
+    np.testing.assert_allclose(p1[k], p2[k], atol=1e-6, rtol=0)
+    assert not np.allclose(p1[k], params[k])
+
+
+def _np_dmgd(grads, hidden, inner_lr, alpha, objective, b2, eps):
+  """NumPy DMGD (module doc formulas, derivatives by hand), sigma = nsqrt."""
+  theta = np.pi * np.arange(hidden) / hidden
+  w1_0 = np.stack([np.cos(theta), np.sin(theta)])
+  w1, b1, w2 = w1_0.copy(), np.zeros(hidden), np.zeros(hidden)
+  mu = np.zeros_like(grads[0])
+  nu = np.zeros_like(grads[0])
+  g_prev = np.zeros_like(grads[0])
+  rms = lambda x: np.sqrt(np.mean(x ** 2)) + eps
+  outs = []
+  for t, g in enumerate(grads, start=1):
+    s_prev, s = rms(g_prev), rms(g)
+    s_bar = max(s_prev, s)
+    gh, mh = (g_prev / s_prev).ravel(), (mu / s_prev).ravel()
+    h = np.tanh(np.outer(gh, w1[0]) + np.outer(mh, w1[1]) + b1)        # [N, H]
+    p = mu.ravel() + s_prev * (h @ w2)
+    d_p = -g.ravel() if objective == "dot" else p - g.ravel()
+    cot = d_p * s_prev / (g.size * s_bar ** 2)                           # [N]
+    dh = cot[:, None] * w2 * (1 - h ** 2)                                # [N, H]
+    d_w2, d_b1 = cot @ h, dh.sum(0)
+    d_w1 = np.stack([gh @ dh, mh @ dh])
+    mu = alpha * mu - inner_lr * d_p.reshape(g.shape)
+    w1 = w1_0 + alpha * (w1 - w1_0) - inner_lr * d_w1
+    b1 = alpha * b1 - inner_lr * d_b1
+    w2 = alpha * w2 - inner_lr * d_w2
+    h_new = np.tanh(np.outer(g.ravel() / s, w1[0]) + np.outer(mu.ravel() / s, w1[1]) + b1)
+    o = mu + s * (h_new @ w2).reshape(g.shape)
+    nu = b2 * nu + (1 - b2) * g ** 2
+    outs.append(o / (np.sqrt(nu / (1 - b2 ** t)) + eps))
+    g_prev = g
+  return outs, dict(w1=w1, b1=b1, w2=w2)
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+def test_dmgd_step_matches_numpy(objective):
+  rng = np.random.default_rng(1)
+  grads = [rng.normal(size=(4, 5)) + (-1.0) ** t for t in range(6)]
+  opt = dmgd_lib.scale_by_dmgd(hidden=4, inner_lr=0.3, alpha=0.95, objective=objective)
+  state = opt.init({"w": jnp.zeros((4, 5))})
+  ref, ref_phi = _np_dmgd(grads, 4, 0.3, 0.95, objective, b2=0.999, eps=1e-8)
+  for g, r in zip(grads, ref):
+    u, state = jax.jit(opt.update)({"w": jnp.asarray(g, jnp.float32)}, state)
+    np.testing.assert_allclose(u["w"], r, rtol=2e-4, atol=2e-5)
+  for k, v in ref_phi.items():
+    np.testing.assert_allclose(state.phi["w"][k], v, rtol=2e-4, atol=2e-6)
+  assert np.abs(ref_phi["w2"]).max() > 1e-3   # the memory did learn something
+
+
+def test_dmgd_nsqrt_converges_on_quadratic_and_memory_learns():
+  a, x_star = _quadratic(8, 10.0, seed=0)
+  loss = lambda p: 0.5 * (p["x"] - x_star) @ jnp.asarray(a, jnp.float32) @ (p["x"] - x_star)
+  opt = dmgd_lib.dmgd(0.01)                              # defaults: l2, hidden 8, nsqrt
+  xs, state = _run_scan(opt, loss, np.zeros(8), 1000)
+  dist = np.linalg.norm(xs - x_star, axis=1)
+  tol = 1e-2                                             # stated tolerance: |x - x*| < 1e-2
+  assert dist[-1] < tol, dist[-1]
+  assert dist[0] > 100 * tol
+  # The memory's own parameters moved away from phi_0 (w2 = 0) over the run.
+  phi, phi_0 = state[0].phi["x"], dmgd_lib.init_phi(8)
+  assert float(jnp.abs(phi["w2"]).max()) > 1e-4
+  assert float(jnp.abs(phi["w1"] - phi_0["w1"]).max()) > 1e-6
+
+
+def test_dmgd_momentum_follows_gradient_sign_changes():
+  opt = dmgd_lib.scale_by_dmgd()                         # defaults
+  state = opt.init({"w": jnp.zeros((4, 4))})
+  step = jax.jit(opt.update)
+  rng = np.random.default_rng(2)
+  phis = []
+  for sign, n in [(1.0, 30), (-1.0, 8), (1.0, 8)]:
+    flipped_mu = flipped_u = None
+    for i in range(n):
+      g = sign * (1.0 + 0.1 * jnp.asarray(rng.random((4, 4)), jnp.float32))
+      u, state = step({"w": g}, state)
+      if flipped_mu is None and np.all(np.sign(state.mu["w"]) == sign):
+        flipped_mu = i + 1
+      if flipped_u is None and np.all(np.sign(u["w"]) == sign):
+        flipped_u = i + 1
+      phis.append(np.asarray(state.phi["w"]["w2"]))
+    # The momentum (and the applied direction) take the gradient's sign within 5 steps
+    # and keep it: a sign-locked momentum would fail here.
+    assert flipped_mu is not None and flipped_mu <= 5, (sign, flipped_mu)
+    assert flipped_u is not None and flipped_u <= 5, (sign, flipped_u)
+    assert np.all(np.sign(state.mu["w"]) == sign)
+  assert not np.allclose(phis[10], phis[-1])           # the memory keeps learning
+
+
+def test_dmgd_deep_memory_forecasts_alternating_gradient():
+  """An alternating gradient is predictable: the MLP learns it, the linear memory can't."""
+  key = jax.random.key(0)
+  errors = {}
+  for hidden in (0, 8):
+    opt = dmgd_lib.scale_by_dmgd(hidden=hidden, sigma="identity")
+    state, step, err = opt.init({"w": jnp.zeros((16, 16))}), jax.jit(opt.update), []
+    for t in range(300):
+      key, k = jax.random.split(key)
+      g = (-1.0) ** t + 0.3 * jax.random.normal(k, (16, 16))
+      if t >= 200:
+        err.append(float(jnp.mean((o - g) ** 2)))   # forecast of g_t made at t-1
+      o, state = step({"w": g}, state)
+      o = o["w"]
+    errors[hidden] = np.mean(err)
+  assert errors[8] < 0.5 * errors[0], errors
+
+
+def test_dmgd_newton_schulz():
+  rng = np.random.default_rng(3)
+  g = {"m": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+       "v": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+  kw = dict(hidden=0, objective="dot", alpha=0.9, inner_lr=1.0)
+  ns, ident = dmgd_lib.scale_by_dmgd(sigma="newton_schulz", **kw), dmgd_lib.scale_by_dmgd(
+      sigma="identity", **kw)
+  u_ns, _ = ns.update(g, ns.init(g))
+  u_id, _ = ident.update(g, ident.init(g))
+  np.testing.assert_allclose(u_ns["v"], u_id["v"])       # 1-D: identity
+  # NumPy quintic Newton-Schulz (Muon's coefficients) on the transposed (4 x 6) matrix.
+  x = np.asarray(g["m"], np.float64).T
+  x = x / (np.linalg.norm(x) + 1e-8)
+  a, b, c = dmgd_lib.MUON_NS_COEFFS
+  for _ in range(5):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  np.testing.assert_allclose(u_ns["m"], x.T * math.sqrt(6), rtol=1e-3, atol=1e-4)
+  sv = np.linalg.svd(np.asarray(u_ns["m"]) / math.sqrt(6), compute_uv=False)
+  assert sv.min() > 0.5 and sv.max() < 1.5, sv
+
+
+# ------------------------------------------------------------------------- Anderson
+
+
+def _np_anderson(a, x_star, x0, lr, steps, m, reg, tr, beta, b1, b2, eps):
+  """NumPy universal Anderson (module doc): returns the trajectory and AA bookkeeping."""
+  x = np.asarray(x0, np.float64)
+  mom, nu = np.zeros_like(x), np.zeros_like(x)
+  dxs, dfs, prev_f, prev_u = [], [], None, None
+  traj, accepted = [], []
+  for k in range(steps):
+    g = a @ (x - x_star)
+    mom = b1 * mom + (1 - b1) * g
+    nu = b2 * nu + (1 - b2) * g ** 2
+    d = (mom / (1 - b1 ** (k + 1))) / (np.sqrt(nu / (1 - b2 ** (k + 1))) + eps)
+    f = -lr * d
+    if k > 0:
+      dxs.append(prev_u)
+      dfs.append(f - prev_f)
+      dxs, dfs = dxs[-m:], dfs[-m:]
+    if dfs:
+      dF, dX = np.stack(dfs, 1), np.stack(dxs, 1)                 # [n, cols]
+      lam = reg * np.mean(np.sum(dF ** 2, 0))
+      # Ridge regression by an augmented least-squares problem (not the normal equations).
+      aug = np.concatenate([dF, np.sqrt(lam) * np.eye(dF.shape[1])], 0)
+      rhs = np.concatenate([f, np.zeros(dF.shape[1])])
+      gamma = np.linalg.lstsq(aug, rhs, rcond=None)[0]
+      s = beta * f - (dX + beta * dF) @ gamma
+    else:
+      s = beta * f
+    s = s * min(1.0, tr * np.linalg.norm(f) / np.linalg.norm(s))
+    ok = s @ g < 0
+    u = s if ok else f
+    accepted.append(bool(ok and len(dfs) > 0 and not np.allclose(s, f, rtol=1e-3)))
+    x = x + u
+    traj.append(x.copy())
+    prev_f, prev_u = f, u
+  return np.stack(traj), accepted
+
+
+def test_anderson_steps_match_hand_computation():
+  a = np.array([[3.0, 1.0], [1.0, 0.5]])
+  x_star = np.array([0.5, -1.0])
+  x0 = np.array([2.0, 1.0])
+  loss = lambda p: 0.5 * (p["x"] - x_star) @ jnp.asarray(a, jnp.float32) @ (p["x"] - x_star)
+  for kw in [dict(), dict(b1=0.5, trust_region=1.5, history=2, beta=0.7)]:
+    hp = dict(history=3, reg=1e-3, trust_region=10.0, beta=1.0, b1=0.0)
+    hp.update(kw)
+    opt = anderson_lib.anderson(0.1, **hp)
+    xs, _ = _run_scan(opt, loss, x0, 8)
+    ref, accepted = _np_anderson(a, x_star, x0, 0.1, 8, hp["history"], hp["reg"],
+                                 hp["trust_region"], hp["beta"], hp["b1"], 0.999, 1e-8)
+    np.testing.assert_allclose(xs, ref, rtol=1e-4, atol=1e-5)
+    assert sum(accepted) >= 2, accepted        # the AA step (not Adam's) was taken
+
+
+def _steps_to(xs, x_star, tol):
+  dist = np.linalg.norm(xs - x_star, axis=1)
+  hit = np.nonzero(dist < tol)[0]
+  return int(hit[0]) + 1 if hit.size else None
+
+
+@pytest.mark.parametrize("lr", [0.01, 0.03])
+def test_anderson_beats_adam_on_ill_conditioned_quadratic(lr):
+  a, x_star = _quadratic(20, 1e3, seed=0)
+  loss = lambda p: 0.5 * (p["x"] - x_star) @ jnp.asarray(a, jnp.float32) @ (p["x"] - x_star)
+  steps, tol = 4000, 1e-2
+  xs_aa, _ = _run_scan(anderson_lib.anderson(lr), loss, np.zeros(20), steps)
+  xs_adam, _ = _run_scan(optax.adam(lr), loss, np.zeros(20), steps)
+  n_aa, n_adam = _steps_to(xs_aa, x_star, tol), _steps_to(xs_adam, x_star, tol)
+  assert n_aa is not None and n_adam is not None, (n_aa, n_adam)
+  assert n_aa < n_adam, (n_aa, n_adam)
+
+
+def _primitives(jaxpr):
+  """Names of all primitives in a jaxpr, nested jaxprs (pjit, scan, cond, ...) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn.primitive.name
+    for v in eqn.params.values():
+      for j in (v if isinstance(v, (list, tuple)) else [v]):
+        if hasattr(j, "eqns"):
+          yield from _primitives(j)
+        elif hasattr(getattr(j, "jaxpr", None), "eqns"):
+          yield from _primitives(j.jaxpr)
+
+
+def test_anderson_and_dmgd_jit_without_host_callbacks():
+  params = {"w": jnp.ones((5, 3)), "b": jnp.zeros((3,))}
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
+  for opt in [anderson_lib.anderson(0.1, weight_decay=0.1), dmgd_lib.dmgd(0.1),
+              dmgd_lib.dmgd(0.1, sigma="newton_schulz")]:
+    state = opt.init(params)
+    jaxpr = jax.make_jaxpr(opt.update)(grads, state, params)
+    names = set(_primitives(jaxpr.jaxpr))
+    if isinstance(state, anderson_lib.AndersonState):
+      assert "lu" in names, names          # the walk reached inside jnp.linalg.solve
+    assert not [n for n in names if "callback" in n], names
+    step = jax.jit(opt.update)
+    with jax.transfer_guard("disallow"):                          # no host round trips
+      for _ in range(4):
+        u, state = step(grads, state, params)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(u))
+
+
+# --------------------------------------------------------------------------- levels
+
+
+LEVELS = {"fast": 1, "mid": 4, "slow": 16}
+
+
+def _level_params():
+  rng = np.random.default_rng(4)
+  shapes = {"cms_fast": {"Dense_0": {"kernel": (3, 2), "bias": (2,)}},
+            "block": {"cms_mid": {"Dense_0": {"kernel": (2, 2)}}, "dense": {"kernel": (3, 3)}},
+            "cms_slow": {"Dense_0": {"kernel": (2, 3)}},
+            "log_logit_scale": ()}
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _level_config(optimizer, total=64, warmup=8):
+  c = config_lib.base_config()
+  c.train.total_steps = total
+  o = c.optim
+  o.optimizer, o.lr, o.warmup_steps, o.lr_floor = optimizer, 0.1, warmup, 0.1
+  o.weight_decay, o.clip_norm, o.momentum = 0.0, 0.0, 0.0
+  for (name, k), peak in zip(LEVELS.items(), (0.05, 0.02, 0.01)):
+    lvl = c.model.cms.levels[name]
+    lvl.update_every, lvl.lr, lvl.optimizer = k, peak, optimizer
+  return c
+
+
+def _np_lr(n, peak, warmup, total, floor):
+  """Warm-up + cosine at outer step n (1-based), written out."""
+  if n < warmup:
+    return peak * n / warmup
+  prog = min((n - warmup) / (total - warmup), 1.0)
+  return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def test_label_params_and_weight_decay_mask():
+  params = _level_params()
+  labels = levels.label_params(params, list(LEVELS))
+  assert labels == {"cms_fast": {"Dense_0": {"kernel": "fast", "bias": "fast"}},
+                    "block": {"cms_mid": {"Dense_0": {"kernel": "mid"}},
+                              "dense": {"kernel": "default"}},
+                    "cms_slow": {"Dense_0": {"kernel": "slow"}},
+                    "log_logit_scale": "default"}
+  extra = {"pos_embedding": jnp.zeros((4, 3)), "Embed_0": {"embedding": jnp.zeros((7, 3))},
+           "LayerNorm_0": {"scale": jnp.zeros((3,))}, "head": {"logit_bias": jnp.zeros((1, 1))},
+           "w": jnp.zeros((2, 2))}
+  mask = levels.weight_decay_mask(extra)
+  assert mask == {"pos_embedding": False, "Embed_0": {"embedding": False},
+                  "LayerNorm_0": {"scale": False}, "head": {"logit_bias": False}, "w": True}
+  assert levels.weight_decay_mask(params)["cms_fast"]["Dense_0"] == {"kernel": True,
+                                                                      "bias": False}
+
+
+def test_learning_rates_follow_warmup_cosine_in_outer_steps():
+  c = _level_config("adamw", total=100, warmup=10)
+  peaks = {"default": 0.1, "fast": 0.05, "mid": 0.02, "slow": 0.01}
+  for step in [0, 3, 9, 10, 42, 77, 99, 150]:
+    lrs = levels.learning_rates(c, step)
+    assert set(lrs) == set(peaks)
+    for name, peak in peaks.items():
+      assert lrs[name] == pytest.approx(_np_lr(step + 1, peak, 10, 100, 0.1), rel=1e-5)
+  assert levels.learning_rates(c, 0)["default"] > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_levels_update_at_their_own_period_with_mean_gradient(optimizer):
+  c = _level_config(optimizer)
+  params0 = _level_params()
+  labels = levels.label_params(params0, list(LEVELS))
+  opt = levels.build_optimizer(c)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *opt.update(g, s, p)))
+  rng = np.random.default_rng(5)
+  grads = [_random_tree(rng, params0) for _ in range(32)]
+  periods = dict(LEVELS, default=1)
+  peaks = {"default": 0.1, "fast": 0.05, "mid": 0.02, "slow": 0.01}
+  # Independent reference for adamw: optax.adamw fed the mean gradient of each period.
+  refs = {}
+  if optimizer == "adamw":
+    for name, k in periods.items():
+      sched = lambda cnt, k=k, peak=peaks[name]: jnp.asarray(
+          [_np_lr((i + 1) * k, peak, 8, 64, 0.1) for i in range(64)])[cnt]
+      ref = optax.adamw(sched, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
+                        weight_decay=0.0)
+      refs[name] = [ref, None]
+  params, state = params0, opt.init(params0)
+  flat_labels = jax.tree.leaves(labels)
+  for n in range(1, 33):
+    new_params, state = step(params, state, grads[n - 1])
+    for i, (label, p_old, p_new) in enumerate(zip(
+        flat_labels, jax.tree.leaves(params), jax.tree.leaves(new_params))):
+      k = periods[label]
+      delta = np.asarray(p_new) - np.asarray(p_old)
+      if n % k:
+        assert np.all(delta == 0), (label, n)
+        continue
+      mean_g = np.mean([jax.tree.leaves(grads[j])[i] for j in range(n - k, n)], axis=0)
+      if optimizer == "sgd":
+        expected = -_np_lr(n, peaks[label], 8, 64, 0.1) * mean_g
+      else:
+        ref, ref_states = refs[label]
+        if ref_states is None:
+          ref_states = refs[label][1] = {}
+        st = ref_states.get(i) or ref.init(jnp.asarray(p_old))
+        u, ref_states[i] = ref.update(jnp.asarray(mean_g), st, jnp.asarray(p_old))
+        expected = np.asarray(u)
+      np.testing.assert_allclose(delta, expected, rtol=2e-4, atol=2e-7,
+                                 err_msg=f"{label} at step {n}")
+      assert np.any(delta != 0)
+    params = new_params
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def test_optimizer_state_survives_orbax_round_trip(tmp_path):
+  c = _level_config("adamw")
+  c.optim.weight_decay, c.optim.clip_norm = 0.01, 1.0
+  c.model.cms.levels.fast.optimizer = "dmgd"
+  c.model.cms.levels.mid.optimizer = "anderson"
+  c.model.cms.levels.slow.optimizer = "sgd"
+  c.model.cms.levels.mid.update_every = 2
+  c.model.cms.levels.slow.update_every = 4
+  opt = levels.build_optimizer(c)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *opt.update(g, s, p)))
+  rng = np.random.default_rng(6)
+  params = _level_params()
+  grads = [_random_tree(rng, params) for _ in range(12)]
+  state = opt.init(params)
+  for g in grads[:7]:                   # mid-period for mid and slow: accumulators non-zero
+    params, state = step(params, state, g)
+
+  mgr = ocp.CheckpointManager(tmp_path / "ckpt")
+  mgr.save(7, args=ocp.args.StandardSave(state))
+  mgr.wait_until_finished()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = mgr.restore(7, args=ocp.args.StandardRestore(abstract))
+  mgr.close()
+
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+  assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(state)
+             if np.ndim(x) == 3)       # Anderson ring buffers carry history
+
+  p1, s1, p2, s2 = params, state, params, restored
+  for g in grads[7:]:
+    p1, s1 = step(p1, s1, g)
+    p2, s2 = step(p2, s2, g)
+  for a, b, p0 in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+    assert np.any(np.asarray(a) != np.asarray(p0))
