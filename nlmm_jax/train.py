@@ -95,21 +95,10 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict:
 # ----------------------------------------------------------------------------- model
 
 
-def dummy_batch(model_cfg, batch_size: int = 1, with_audio: bool = True) -> dict:
-  m = model_cfg
-  b = {"image": np.zeros((batch_size, m.image_size, m.image_size, 3), np.float32),
-       "text": np.ones((batch_size, m.max_text_len), np.int32),
-       "text_mask": np.ones((batch_size, m.max_text_len), bool)}
-  if with_audio:
-    b["audio"] = np.zeros((batch_size, m.max_frames, m.n_mels), np.float32)
-    b["audio_mask"] = np.ones((batch_size, m.max_frames), bool)
-  return b
-
-
 def make_init_fn(model, tx, config) -> Callable[[jax.Array], TrainState]:
   def init(rng):
     rng, init_rng = jax.random.split(rng)
-    params = model.init(init_rng, dummy_batch(config.model))["params"]
+    params = model.init(init_rng, nlmm.example_batch(config.model))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=rng)
   return init
@@ -122,7 +111,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_cfg):
   def loss_fn(params):
     embeddings, logit_scale = model.apply({"params": params}, batch, train=True,
                                           rngs={"dropout": dropout_rng})
-    loss, metrics = losses.contrastive_loss(embeddings, logit_scale, loss_cfg)
+    loss, metrics = losses.contrastive_loss(embeddings, logit_scale, loss_cfg,
+                                            logit_bias=params.get("logit_bias"))
     return loss, (metrics, logit_scale)
 
   (loss, (metrics, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -243,7 +233,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, for_training: bool
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
   config.train.total_steps = total_steps
   mesh = make_mesh(config)
-  model = nlmm.build_model(config.model)
+  model = nlmm.build_model(config.model, config.loss)
   tx = levels.build_optimizer(config)
   init_fn = make_init_fn(model, tx, config)
   rng = jax.random.PRNGKey(config.seed)

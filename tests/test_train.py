@@ -189,11 +189,11 @@ def test_two_device_step_equals_one_device(corpus):
   assert jax.device_count() == 2
   c = tiny_config(corpus / "corpus", corpus / "cache")
   c.train.total_steps = 10
-  model = nlmm.build_model(c.model)
+  model = nlmm.build_model(c.model, c.loss)
   tx = levels.build_optimizer(c)
   init_fn = train.make_init_fn(model, tx, c)
   rng = np.random.default_rng(0)
-  batch = train.dummy_batch(c.model, batch_size=4)
+  batch = nlmm.example_batch(c.model, batch_size=4)
   batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
   batch["text"] = rng.integers(2, 60, size=batch["text"].shape).astype(np.int32)
   batch["text_mask"][:, 10:] = False

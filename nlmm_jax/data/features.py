@@ -84,15 +84,48 @@ def eval_image(stored: np.ndarray, image_size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- audio
 
 
+def _riff_declared_frames(path: str) -> Optional[int]:
+  """Frames a RIFF/WAVE header declares (None: not a WAV, or a streaming size)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+      return None
+    block_align = None
+    while True:
+      chunk = f.read(8)
+      if len(chunk) < 8:
+        return None
+      cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+      if cid == b"fmt ":
+        fmt = f.read(size + (size & 1))
+        if len(fmt) >= 14:
+          block_align = struct.unpack("<H", fmt[12:14])[0]
+      elif cid == b"data":
+        if not block_align or size in (0, 0xFFFFFFFF):
+          return None
+        return size // block_align
+      else:
+        f.seek(size + (size & 1), 1)
+
+
 def load_audio(path: str, sample_rate: int = 16000) -> np.ndarray:
-  """Mono float32 waveform at `sample_rate` (resampled with librosa only if needed)."""
+  """Mono float32 waveform at `sample_rate` (resampled with librosa only if needed).
+
+  Raises FeatureError when the file cannot be decoded, is empty, or is a WAV whose data
+  is shorter than its header declares (libsndfile would silently return the remainder).
+  """
   import soundfile as sf  # pylint: disable=g-import-not-at-top
   try:
     wave, sr = sf.read(path, dtype="float32", always_2d=True)
+    declared = _riff_declared_frames(path)
   except Exception as e:  # soundfile.LibsndfileError, RuntimeError, OSError
     raise FeatureError(f"cannot decode audio {path!r}: {type(e).__name__}: {e}") from e
   if wave.shape[0] == 0:
     raise FeatureError(f"audio {path!r} has no samples")
+  if declared is not None and wave.shape[0] < declared:
+    raise FeatureError(f"audio {path!r} is truncated: its header declares {declared} "
+                       f"frames, the file holds {wave.shape[0]}")
   wave = wave.mean(axis=1)
   if not np.all(np.isfinite(wave)):
     raise FeatureError(f"audio {path!r} contains non-finite samples")
