@@ -3,8 +3,12 @@
 Layout of `<workdir>/checkpoints/<step>/`:
   state/   the TrainState pytree (params, full optimizer state with every CMS level's
            MultiSteps counters, step, RNG) — restorable with plain orbax;
-  data/    the grain iterator state (one JSON per JAX process);
+  data/    the grain iterator state (JSON). Every process consumes the same number of
+           batches from its own shard, so the iterator positions of all processes
+           agree and one state restores each of them;
   config/  the run's config as JSON.
+Every item has a default restore type, so `ocp.CheckpointManager(dir).restore(step)`
+works with no project code.
 Saves are asynchronous; orbax writes into a temporary directory and renames it when
 complete, so a process killed mid-save leaves the previous checkpoints intact and the
 partial one is ignored on restart.
@@ -53,23 +57,23 @@ def abstract(tree: Any) -> Any:
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
          config: ml_collections.ConfigDict, metrics: Optional[dict] = None,
          force: bool = True) -> bool:
-  import grain  # pylint: disable=g-import-not-at-top
   items = dict(state=ocp.args.StandardSave(state),
                config=ocp.args.JsonSave(config.to_dict()))
   if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    items["data"] = ocp.args.JsonSave(data_iter.get_state())
   return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, state_target: Any,
             data_iter: Any = None) -> tuple[Any, Any]:
   """Restores (state, data_iter) at `step`; `state_target` gives shapes and shardings."""
-  import grain  # pylint: disable=g-import-not-at-top
   items = dict(state=ocp.args.StandardRestore(abstract(state_target)))
   if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    items["data"] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items))
-  return restored["state"], (restored["data"] if data_iter is not None else None)
+  if data_iter is not None:
+    data_iter.set_state(restored["data"])
+  return restored["state"], data_iter
 
 
 def resolve_init_from(path: str) -> tuple[str, Optional[int]]:

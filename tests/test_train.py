@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import jax
@@ -108,8 +109,9 @@ def test_plain_orbax_restore(finished_run):
 
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
-    from absl import flags
+    from absl import flags, logging
     flags.FLAGS.mark_as_parsed()
+    logging.set_verbosity(logging.INFO)
     import ml_collections
     from nlmm_jax import checkpointing, train
     cfg = ml_collections.ConfigDict(json.load(open(sys.argv[1])))
@@ -127,12 +129,25 @@ CHILD = textwrap.dedent("""
 """)
 
 
+XLA_CACHE = tempfile.mkdtemp(prefix="nlmm_jax_test_xla_cache_")
+
+
 def _run_child(cfg, workdir, kill_at=-1, when="after_save"):
+  """Runs the job in a fresh process on one CPU device. The children share a persistent
+  XLA compilation cache, so only the first compiles. (Two CPU devices running
+  executables loaded from that cache have deadlocked in XLA's in-process all-gather;
+  sharded equality has its own test below.)"""
   cfg_path = os.path.join(str(workdir) + "_cfg.json")
   with open(cfg_path, "w") as f:
     f.write(cfg.to_json())
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=2", "")
+  env["JAX_COMPILATION_CACHE_DIR"] = XLA_CACHE
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
   return subprocess.run([sys.executable, "-c", CHILD, cfg_path, str(workdir), str(kill_at),
-                         when], cwd=REPO, capture_output=True, text=True, timeout=600)
+                         when], cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=env)
 
 
 def _final_params(workdir):
@@ -143,43 +158,34 @@ def _final_params(workdir):
 
 
 def test_exact_resume_after_sigkill(corpus, tmp_path):
-  n = 3
-  cfg = tiny_config(corpus / "corpus", corpus / "cache", total_steps=2 * n, eval_every=n,
-                    checkpoint_every=n)
+  """4 steps straight == 2 steps, SIGKILL, resume; then a kill inside the async save of
+  step 4 (the torn checkpoint is ignored) and a second resume."""
+  cfg = tiny_config(corpus / "corpus", corpus / "cache")
   straight = tmp_path / "straight"
   r = _run_child(cfg, straight)
   assert r.returncode == 0, r.stderr[-3000:]
-
   killed = tmp_path / "killed"
-  r = _run_child(cfg, killed, kill_at=n, when="after_save")
+  r = _run_child(cfg, killed, kill_at=2, when="after_save")
   assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
   assert not (killed / "eval_test.json").exists()
-  r = _run_child(cfg, killed)  # the same command again resumes at step n
+  r = _run_child(cfg, killed, kill_at=4, when="during_save")  # resumes at 2
+  assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+  assert "Resumed from" in r.stderr and "step 2" in r.stderr
+  r = _run_child(cfg, killed)  # the same command again: resumes at 2 or 4, finishes
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Resumed from" in r.stderr
 
   s1, p1 = _final_params(str(straight))
   s2, p2 = _final_params(str(killed))
-  assert s1 == s2 == 2 * n
+  assert s1 == s2 == 4
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), p1, p2)
-  m1 = [json.loads(l) for l in open(straight / "metrics.jsonl")]
-  m2 = [json.loads(l) for l in open(killed / "metrics.jsonl")]
   drop = lambda m: {k: v for k, v in m.items() if k != "eval_seconds"}
-  assert [drop(m) for m in m1] == [drop(m) for m in m2]
+  m1 = [drop(json.loads(l)) for l in open(straight / "metrics.jsonl")]
+  m2 = [drop(json.loads(l)) for l in open(killed / "metrics.jsonl")]
+  assert m1 == m2
   t1 = [json.loads(l)["train/loss"] for l in open(straight / "train_metrics.jsonl")]
   t2 = [json.loads(l)["train/loss"] for l in open(killed / "train_metrics.jsonl")]
   assert t1 == t2
-
-  # A kill while the step-2n checkpoint is being written asynchronously: the workdir
-  # still resumes (from the last complete checkpoint) and ends at the same parameters.
-  torn = tmp_path / "torn"
-  r = _run_child(cfg, torn, kill_at=2 * n, when="during_save")
-  assert r.returncode == -signal.SIGKILL
-  r = _run_child(cfg, torn)
-  assert r.returncode == 0, r.stderr[-3000:]
-  s3, p3 = _final_params(str(torn))
-  assert s3 == 2 * n
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), p1, p3)
 
 
 def test_two_device_step_equals_one_device(corpus):
@@ -189,6 +195,11 @@ def test_two_device_step_equals_one_device(corpus):
   assert jax.device_count() == 2
   c = tiny_config(corpus / "corpus", corpus / "cache")
   c.train.total_steps = 10
+  # Plain SGD: an update linear in the gradient. (Adam's first step is ~lr*sign(g), which
+  # turns float rounding in near-zero gradients into lr-sized differences.)
+  c.optim.optimizer = "sgd"
+  for lvl in c.model.cms.levels.values():
+    lvl.optimizer = "sgd"
   model = nlmm.build_model(c.model, c.loss)
   tx = levels.build_optimizer(c)
   init_fn = train.make_init_fn(model, tx, c)
@@ -210,7 +221,6 @@ def test_two_device_step_equals_one_device(corpus):
                    out_shardings=(shardings, None))
     gbatch = train.to_global(batch, train.batch_sharding(mesh))
     assert len(gbatch["image"].sharding.device_set) == len(devices)
-    state, metrics = step(state, gbatch)
     state, metrics = step(state, gbatch)
     results.append((jax.device_get(state.params), float(metrics["loss"])))
   (p1, l1), (p2, l2) = results
