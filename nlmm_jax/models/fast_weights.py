@@ -104,6 +104,26 @@ def memory_recurrent(q: Array, k: Array, v: Array, beta: Optional[Array] = None,
   return y * m[..., None]
 
 
+def _unit_lower_inverse(a: Array, precision: Any = None) -> Array:
+  """(I + A)^{-1} for strictly lower-triangular A [..., C, C], by blocked substitution.
+
+  Recursive 2x2 blocks: inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]],
+  down to rows solved one at a time. Only matmuls, no LAPACK call inside the scan (XLA's
+  CPU triangular solve under vmap/scan was both slow and prone to stalls).
+  """
+  c = a.shape[-1]
+  if c == 1:
+    return jnp.ones_like(a)
+  h = c // 2
+  x11 = _unit_lower_inverse(a[..., :h, :h], precision)
+  x22 = _unit_lower_inverse(a[..., h:, h:], precision)
+  x21 = -jnp.einsum("...ij,...jk,...kl->...il", x22, a[..., h:, :h], x11,
+                    precision=precision)
+  top = jnp.concatenate([x11, jnp.zeros(a.shape[:-2] + (h, c - h), a.dtype)], axis=-1)
+  bottom = jnp.concatenate([x21, x22], axis=-1)
+  return jnp.concatenate([top, bottom], axis=-2)
+
+
 def memory_chunked(q: Array, k: Array, v: Array, beta: Optional[Array] = None,
                    alpha: Optional[Array] = None, mask: Optional[Array] = None, *,
                    rule: str, decay: float = 0.0, chunk_size: int = 64,
@@ -160,7 +180,7 @@ def memory_chunked(q: Array, k: Array, v: Array, beta: Optional[Array] = None,
     lower = a_mat + jnp.eye(c, dtype=jnp.float32)     # I + A, unit lower triangular
     rhs = jnp.concatenate(
         [beta[..., None] * v, (beta * jnp.exp(big_g))[..., None] * k], axis=-1)
-    sol = jax.scipy.linalg.solve_triangular(lower, rhs, lower=True, unit_diagonal=True)
+    sol = ein("bhnij,bhnjd->bhnid", _unit_lower_inverse(a_mat, precision), rhs)
     u, w = sol[..., :ev], sol[..., ev:]               # U = T V, W = T diag(gamma) K
   else:
     u, w = v, None
