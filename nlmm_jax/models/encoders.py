@@ -10,7 +10,6 @@ Modules take `cfg`, the model config (`config.model`) as an `ml_collections`
 FrozenConfigDict (hashable, so modules stay static-friendly).
 """
 
-import math
 from typing import Any, Optional
 
 import flax.linen as nn
