@@ -24,6 +24,7 @@ Command-line build (the manual dir is a Flickr8k + FACC root):
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,7 +41,9 @@ from nlmm_jax.data import features
 from nlmm_jax.data import flickr8k
 from nlmm_jax.data import tokenizer as tokenizer_lib
 
-BUILDER_VERSION = "1.0.0"
+BUILDER_VERSION = "1.1.0"
+_BYTES = tfds.features.Encoding.BYTES
+AUTO_IMAGES_PER_WORKER = 100       # data.build_workers=-1 starts one worker per 100 images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,31 +142,42 @@ def preprocess_example(job: tuple) -> dict:
   )
 
 
-def _ordered_map(fn, jobs: list, num_workers: int) -> Iterator[Any]:
-  """fn over jobs in order; in `num_workers` spawned processes when > 0 (bounded queue)."""
-  if num_workers <= 0 or len(jobs) < 2:
+def _one_blas_thread():
+  """Limits BLAS to one thread (the mel product is tiny; 2 threads on a busy machine
+  ran log_mel 2-3x slower). threadpoolctl comes with librosa (via scikit-learn)."""
+  try:
+    import threadpoolctl  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return contextlib.nullcontext()
+  return threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
+def _init_worker() -> None:
+  _one_blas_thread()  # stays in effect for the worker's life
+
+
+def _ordered_map(fn, jobs: list, pool, window: int) -> Iterator[Any]:
+  """fn over jobs, results in order; in `pool` (a process pool, `window` jobs in flight)."""
+  if pool is None or len(jobs) < 2:
     for job in jobs:
       yield fn(job)
     return
-  ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
-    window = 8 * num_workers
-    pending = [pool.submit(fn, j) for j in jobs[:window]]
-    nxt = len(pending)
-    for i in range(len(jobs)):
-      result = pending[i].result()
-      pending[i] = None
-      if nxt < len(jobs):
-        pending.append(pool.submit(fn, jobs[nxt]))
-        nxt += 1
-      yield result
+  pending = [pool.submit(fn, j) for j in jobs[:window]]
+  nxt = len(pending)
+  for i in range(len(jobs)):
+    result = pending[i].result()
+    pending[i] = None
+    if nxt < len(jobs):
+      pending.append(pool.submit(fn, jobs[nxt]))
+      nxt += 1
+    yield result
 
 
 class NlmmFlickr8k(tfds.core.GeneratorBasedBuilder):
   """Flickr8k (+ FACC) images, captions and log-mels, decoded once."""
 
   VERSION = tfds.core.Version(BUILDER_VERSION)
-  RELEASE_NOTES = {BUILDER_VERSION: "Images, captions and log-mels per image."}
+  RELEASE_NOTES = {BUILDER_VERSION: "Images, captions and log-mels per image (raw bytes)."}
   BUILDER_CONFIGS = [CacheConfig(CacheSettings())]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   The manual dir is a Flickr8k root (images in Flicker8k_Dataset/, Flickr8k_Dataset/ or
@@ -183,7 +197,21 @@ class NlmmFlickr8k(tfds.core.GeneratorBasedBuilder):
                num_workers: int = 0, **kwargs):
     self._index = index
     self._num_workers = num_workers
+    self._pool = None
     super().__init__(**kwargs)
+
+  def _get_pool(self):
+    """One process pool for all splits (started on first use; spawn: no fork of threads)."""
+    if self._pool is None and self._num_workers > 0:
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+          self._num_workers, mp_context=multiprocessing.get_context("spawn"),
+          initializer=_init_worker)
+    return self._pool
+
+  def close_pool(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown()
+      self._pool = None
 
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.settings
@@ -191,12 +219,15 @@ class NlmmFlickr8k(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description="Flickr8k + FACC, decoded: uint8 images, captions, float16 log-mels.",
         features=tfds.features.FeaturesDict({
+            # Raw bytes: the default encoding would widen to int64/float32 protobuf lists
+            # (8x / 2x the size, and slow to serialise element by element).
             "image": tfds.features.Tensor(shape=(s.stored_size, s.stored_size, 3),
-                                          dtype=np.uint8),
+                                          dtype=np.uint8, encoding=_BYTES),
             "captions": tfds.features.Tensor(shape=(None,), dtype=np.str_),
             "has_audio": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
             "mel_lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-            "mel": tfds.features.Tensor(shape=(None, s.n_mels), dtype=np.float16),
+            "mel": tfds.features.Tensor(shape=(None, s.n_mels), dtype=np.float16,
+                                        encoding=_BYTES),
             "image_index": tfds.features.Scalar(dtype=np.int32),
             "image_id": tfds.features.Text(),
         }),
@@ -214,7 +245,8 @@ class NlmmFlickr8k(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, examples):
     s = self.builder_config.settings
     jobs = [(ex, i, s) for i, ex in enumerate(examples)]
-    for i, record in enumerate(_ordered_map(preprocess_example, jobs, self._num_workers)):
+    for i, record in enumerate(_ordered_map(preprocess_example, jobs, self._get_pool(),
+                                                8 * max(1, self._num_workers))):
       yield i, record
 
 
@@ -262,7 +294,10 @@ def build_cache(index: flickr8k.Flickr8kIndex, config) -> CacheHandle:
 
   workers = int(config.data.build_workers)
   if workers < 0:
-    workers = os.cpu_count() or 1
+    # Auto: a worker costs a few seconds to start (imports, librosa's first call), so
+    # small corpora are decoded in-process.
+    total = sum(len(s.examples) for s in index.splits.values())
+    workers = min(os.cpu_count() or 1, total // AUTO_IMAGES_PER_WORKER)
   builder_config = CacheConfig(settings)
   if any(c.name == builder_config.name for c in NlmmFlickr8k.BUILDER_CONFIGS):
     builder_config = builder_config.name  # TFDS refuses a custom config named as a listed one
@@ -271,8 +306,12 @@ def build_cache(index: flickr8k.Flickr8kIndex, config) -> CacheHandle:
   already = builder.is_prepared()
   t0 = time.perf_counter()
   if not already:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(index.root)))
+    try:
+      with _one_blas_thread():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=os.path.abspath(index.root)))
+    finally:
+      builder.close_pool()
   seconds = time.perf_counter() - t0
   dataset_dir = os.fspath(builder.data_path)
 

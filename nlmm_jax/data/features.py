@@ -12,6 +12,7 @@ Unreadable files raise `FeatureError`; nothing is ever replaced by zeros.
 """
 
 import dataclasses
+import functools
 from typing import Optional
 
 import numpy as np
@@ -135,13 +136,21 @@ def load_audio(path: str, sample_rate: int = 16000) -> np.ndarray:
   return np.ascontiguousarray(wave, np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _mel_basis(settings: AudioSettings) -> np.ndarray:
+  import librosa  # pylint: disable=g-import-not-at-top
+  return librosa.filters.mel(sr=settings.sample_rate, n_fft=settings.n_fft,
+                             n_mels=settings.n_mels, fmax=settings.fmax)  # [n_mels, 1+n_fft/2]
+
+
 def log_mel(wave: np.ndarray, settings: AudioSettings) -> np.ndarray:
   """Waveform [N] -> normalised log-mel float32 [frames, n_mels] (time-major)."""
   import librosa  # pylint: disable=g-import-not-at-top
-  power = librosa.feature.melspectrogram(
-      y=np.asarray(wave, np.float32), sr=settings.sample_rate, n_fft=settings.n_fft,
-      hop_length=settings.hop_length, n_mels=settings.n_mels, fmax=settings.fmax,
-      power=2.0)  # [n_mels, frames]
+  # librosa.feature.melspectrogram's einsum is ~20x slower than this BLAS product of the
+  # same STFT power and filter bank.
+  spec = librosa.stft(np.asarray(wave, np.float32), n_fft=settings.n_fft,
+                      hop_length=settings.hop_length)  # [1 + n_fft/2, frames]
+  power = _mel_basis(settings) @ (spec.real ** 2 + spec.imag ** 2)  # [n_mels, frames]
   floor = max(settings.amin, float(power.max()) * 10.0 ** (-settings.top_db / 10.0))
   logmel = np.log(np.maximum(power, floor)).T  # [frames, n_mels]
   logmel = (logmel - logmel.mean()) / max(float(logmel.std()), 1e-5)

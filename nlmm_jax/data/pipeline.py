@@ -22,6 +22,7 @@ import dataclasses
 import os
 from typing import Iterator, Optional
 
+from absl import logging
 import grain
 import numpy as np
 
@@ -64,6 +65,8 @@ def prepare(config) -> DataHandle:
     if not (demo.is_complete(root, d.demo_num_images, d.demo_seed)
             or (not made_by_demo and _corpus_present(root, d.use_audio))):
       # Missing, unfinished, or generated with another size/seed: (re)generate.
+      logging.info("Generating the demo corpus (%d images, seed %d) in %s",
+                   d.demo_num_images, d.demo_seed, root)
       demo.generate(root, d.demo_num_images, d.demo_seed)
   report_path = cache_lib.index_report_path(d.cache_dir, root)
   os.makedirs(os.path.dirname(report_path), exist_ok=True)
