@@ -119,7 +119,7 @@ def data_config() -> ConfigDict:
   d.hop_length = 160                 # 10 ms hop
   d.fmax = 8000.0
   d.log_mel_top_db = 80.0            # log floor: max power * 10^(-top_db/10)
-  d.build_workers = -1               # cache build processes (-1: all cores, 0: in-process)
+  d.build_workers = -1               # cache build processes (-1: auto; 0: in-process)
   return d
 
 
