@@ -13,14 +13,18 @@ and `image_index` is stored in the record anyway):
 Layout under `data.cache_dir`:
   <corpus>-<fingerprint>/                       one folder per corpus (root + index content)
     tokenizer_vocab<V>.json                     fitted on the corpus' train captions only
-    nlmm_flickr8k/<config>/1.0.0/*.array_record the TFDS dataset
+    nlmm_flickr8k/<config>/1.0.0/*.array_record  the TFDS dataset
   index_reports/<corpus>-<hash>.json            what load_index counted and dropped
 The TFDS config name is keyed by the preprocessing settings (stored image size, sample
 rate, n_fft, hop, n_mels, fmax, log floor): changing any of them builds a new dataset next
 to the old one; the same settings reuse it without decoding anything.
 
-Command-line build (the manual dir is a Flickr8k + FACC root):
-  tfds build nlmm_jax/data/cache.py --manual_dir=data/flickr8k --data_dir=DIR
+Standalone build with TFDS's own tooling (the manual dir is a Flickr8k + FACC root; the
+builder then indexes it with `flickr8k.load_index` and the default settings):
+  tfds build nlmm_jax/data/cache.py --manual_dir=data/flickr8k --data_dir=DIR \
+      --file_format=array_record
+(tensorflow-datasets 4.9.10's `tfds` script imports apache_beam at start-up; without it,
+run the same command through `tensorflow_datasets.scripts.cli.build.Args`.)
 """
 
 import concurrent.futures
@@ -41,7 +45,7 @@ from nlmm_jax.data import features
 from nlmm_jax.data import flickr8k
 from nlmm_jax.data import tokenizer as tokenizer_lib
 
-BUILDER_VERSION = "1.1.0"
+BUILDER_VERSION = "1.0.0"
 _BYTES = tfds.features.Encoding.BYTES
 AUTO_IMAGES_PER_WORKER = 100       # data.build_workers=-1: at most one worker per 100 images
 
@@ -177,7 +181,7 @@ class NlmmFlickr8k(tfds.core.GeneratorBasedBuilder):
   """Flickr8k (+ FACC) images, captions and log-mels, decoded once."""
 
   VERSION = tfds.core.Version(BUILDER_VERSION)
-  RELEASE_NOTES = {BUILDER_VERSION: "Images, captions and log-mels per image (raw bytes)."}
+  RELEASE_NOTES = {BUILDER_VERSION: "Images, captions and log-mels per image."}
   BUILDER_CONFIGS = [CacheConfig(CacheSettings())]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   The manual dir is a Flickr8k root (images in Flicker8k_Dataset/, Flickr8k_Dataset/ or
@@ -245,9 +249,10 @@ class NlmmFlickr8k(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, examples):
     s = self.builder_config.settings
     jobs = [(ex, i, s) for i, ex in enumerate(examples)]
-    for i, record in enumerate(_ordered_map(preprocess_example, jobs, self._get_pool(),
-                                                8 * max(1, self._num_workers))):
-      yield i, record
+    records = _ordered_map(preprocess_example, jobs, self._get_pool(),
+                           window=8 * max(1, self._num_workers))
+    for i, record in enumerate(records):
+      yield i, record  # key = image_index; shuffling on write is disabled
 
 
 # ----------------------------------------------------------------------------- public
@@ -256,7 +261,7 @@ class NlmmFlickr8k(tfds.core.GeneratorBasedBuilder):
 @dataclasses.dataclass
 class CacheHandle:
   """Where a built cache lives and what it holds."""
-  dataset_dir: str                   # .../nlmm_flickr8k/<config>/1.0.0
+  dataset_dir: str                   # .../nlmm_flickr8k/<config>/<BUILDER_VERSION>
   data_dir: str                      # the TFDS data_dir (one per corpus)
   config_name: str
   settings: CacheSettings
@@ -296,8 +301,8 @@ def build_cache(index: flickr8k.Flickr8kIndex, config) -> CacheHandle:
   if workers < 0:
     # Auto: a worker costs a few seconds to start (imports, librosa's first call) and the
     # main process keeps a core busy serialising and writing, so small corpora and
-    # 2-core machines decode in-process (measured on 2 busy cores, 1000 demo images:
-    # 28 s in-process vs 44 s with 2 workers).
+    # 2-core machines decode in-process (1000 demo images on 2 cores: 28 s in-process vs
+    # 44 s with 2 workers when the cores were shared, 16.8 s vs 13.6 s when nearly idle).
     total = sum(len(s.examples) for s in index.splits.values())
     workers = min((os.cpu_count() or 1) - 1, total // AUTO_IMAGES_PER_WORKER)
     workers = workers if workers >= 2 else 0
@@ -313,6 +318,12 @@ def build_cache(index: flickr8k.Flickr8kIndex, config) -> CacheHandle:
       with _one_blas_thread():
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
             manual_dir=os.path.abspath(index.root)))
+    except Exception:  # pylint: disable=broad-except
+      # Another process (e.g. a second host on a shared disk) may have finished the same
+      # build first: TFDS writes into a temporary folder and renames it when complete.
+      if not NlmmFlickr8k(config=builder_config, data_dir=data_dir,
+                          file_format="array_record").is_prepared():
+        raise
     finally:
       builder.close_pool()
   seconds = time.perf_counter() - t0

@@ -22,6 +22,7 @@ import dataclasses
 import os
 from typing import Iterator, Optional
 
+from absl import flags
 from absl import logging
 import grain
 import numpy as np
@@ -188,6 +189,8 @@ def train_iterator(handle: DataHandle, config, *, seed: int, process_index: int 
   ds = ds.batch(local_bs, drop_remainder=True)
   it_ds = ds.to_iter_dataset(_read_options(config))
   if int(config.data.num_workers) > 0:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain 0.2.18 workers read absl flags (grain #1355)
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(config.data.num_workers),
         per_worker_buffer_size=max(1, int(config.data.prefetch))))

@@ -92,7 +92,7 @@ class Tokenizer:
     return " ".join(out)
 
   def save(self, path: str) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # several processes may save the same file
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump({"specials": list(SPECIALS), "words": list(self.words)}, f, ensure_ascii=False,
                 indent=0)
