@@ -58,6 +58,7 @@ def model_config() -> ConfigDict:
   # Inputs.
   m.image_size = 64
   m.patch_size = 8
+  m.image_stem = "patch"             # "patch" (linear patchify) | "conv" (3x3 stride-2 convs)
   m.n_mels = 80
   m.max_frames = 400                 # log-mel frames before the conv front-end
   m.audio_subsample = 4              # conv front-end time stride

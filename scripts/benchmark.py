@@ -42,9 +42,15 @@ def time_fn(fn: Callable, *args, repeats: int = 5) -> float:
 
 def compiled_memory(jitted, *args) -> Dict[str, float]:
   """XLA's memory analysis of a jitted function (MiB), or {} where unavailable."""
+  return compiled_memory_of(jitted.lower(*args).compile())
+
+
+def compiled_memory_of(compiled) -> Dict[str, float]:
+  """XLA's memory analysis of a compiled function (MiB); {} (printed as nan) where the
+  backend does not implement it."""
   try:
-    analysis = jitted.lower(*args).compile().memory_analysis()
-  except Exception:  # some backends do not implement it
+    analysis = compiled.memory_analysis()
+  except NotImplementedError:
     return {}
   if analysis is None:
     return {}
@@ -213,11 +219,79 @@ def bench_optim(args) -> List[Row]:
   return rows
 
 
+# ----------------------------------------------------------------------------- model
+
+def bench_model(args) -> List[Row]:
+  """The whole jitted train step (forward, backward, optimizer) of a config's model.
+
+  Default: `small` at the Flickr8k shapes of design section 1 (77 tokens, 224 px images in
+  8 px patches = 784 patches, 400 log-mel frames), global batch --model_batch, on all
+  local devices (data-parallel mesh, as in training). Random inputs with full-length masks.
+  Examples/s after compilation; memory: XLA's compiled analysis of the step (params,
+  optimizer state, batch, activations), the device's peak where reported, and the
+  process's peak resident set (CPU).
+  """
+  import resource
+
+  import numpy as np
+  from nlmm_jax import config_lib
+  from nlmm_jax import train
+  from nlmm_jax.models import nlmm
+  from nlmm_jax.optim import levels
+
+  cfg = config_lib.load_config(args.model_config, args.model_overrides)
+  cfg.train.batch_size = args.model_batch
+  model = nlmm.build_model(cfg.model, cfg.loss)
+  tx = levels.build_optimizer(cfg)
+  mesh = train.make_mesh(cfg)
+  rng = np.random.default_rng(0)
+  batch = nlmm.example_batch(cfg.model, args.model_batch)
+  batch["image"] = rng.standard_normal(batch["image"].shape).astype(np.float32)
+  batch["audio"] = rng.standard_normal(batch["audio"].shape).astype(np.float32)
+  batch["text"] = rng.integers(1, cfg.model.vocab_size, batch["text"].shape).astype(np.int32)
+  batch = train.to_global(batch, train.batch_sharding(mesh))
+
+  init = train.make_init_fn(model, tx, cfg)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  state_sharding = train.state_sharding(abstract, mesh)
+  state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(0))
+  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, loss_cfg=cfg.loss),
+                 in_shardings=(state_sharding, train.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
+  t0 = time.perf_counter()
+  step = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled_memory_of(step)
+  state, metrics = jax.block_until_ready(step(state, batch))
+  times = []
+  for _ in range(max(1, args.model_repeats)):
+    t0 = time.perf_counter()
+    state, metrics = jax.block_until_ready(step(state, batch))
+    times.append(time.perf_counter() - t0)
+  if not bool(metrics["finite"]):
+    raise FloatingPointError("the benchmarked train step produced a non-finite loss")
+  sec = statistics.median(times)
+  n_params = nlmm.param_count(state.params)
+  m = cfg.model
+  row = dict(config=args.model_config, params_m=n_params / 1e6, batch=args.model_batch,
+             text=m.max_text_len, patches=(m.image_size // m.patch_size) ** 2,
+             frames=m.max_frames, form=m.memory.form, dtype=m.dtype,
+             devices=len(jax.devices()), compile_s=compile_s, step_s=sec,
+             examples_per_s=args.model_batch / sec,
+             xla_total_gib=mem.get("total_mib", float("nan")) / 1024,
+             device_peak_gib=device_peak_mib() / 1024,
+             host_peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+  print_table(f"model: train step of {args.model_config} "
+              f"[{jax.devices()[0].platform} x{len(jax.devices())}]", [row])
+  return [row]
+
+
 # ----------------------------------------------------------------------------- main
 
 SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Row]]] = {
     "memory": bench_memory,
     "optim": bench_optim,
+    "model": bench_model,
 }
 
 
@@ -237,6 +311,13 @@ def main(argv=None) -> int:
   # optim section
   parser.add_argument("--optim_config", default="small",
                       help="config whose model parameter tree the optimizers step")
+  # model section
+  parser.add_argument("--model_config", default="small")
+  parser.add_argument("--model_overrides", default="model.max_frames=400",
+                      type=lambda s: [o for o in s.split(",") if o],
+                      help="comma-separated config overrides (key=value)")
+  parser.add_argument("--model_batch", type=int, default=8)
+  parser.add_argument("--model_repeats", type=int, default=3)
   args = parser.parse_args(argv)
 
   names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SECTIONS)

@@ -225,6 +225,28 @@ def test_image_embedding_ignores_batch_mates():
   np.testing.assert_allclose(again[0], full[1], atol=1e-5)
 
 
+def test_image_conv_stem():
+  """The conv stem keeps the patch grid, differs from the patch stem, checks its patch."""
+  assert encoders.conv_stem_channels(128, 8) == (32, 64, 128)
+  assert encoders.conv_stem_channels(512, 16) == (64, 128, 256, 512)
+  with pytest.raises(ValueError, match="power-of-2"):
+    encoders.conv_stem_channels(128, 6)
+  c = small_config(image_stem="conv")
+  model, params = init_model(c)
+  stem = params["image_encoder"]
+  assert "patch_embed" not in stem and sorted(k for k in stem if k.startswith("stem")) == [
+      "stem_conv_0", "stem_conv_1", "stem_conv_2"]
+  assert stem["stem_conv_2"]["kernel"].shape == (3, 3, 16, 32)   # width 32
+  image = np.random.default_rng(3).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  tokens, mask = jit(lambda p, x: model.apply({"params": p}, x, method=lambda m, x:
+                                              m.image_encoder(x)))(params, image)
+  assert tokens.shape == (2, (16 // 8) ** 2, 32) and mask is None
+  emb = embed(model, params, {"image": image}, "image")
+  assert emb.shape == (2, c.model.embed_dim) and np.isfinite(emb).all()
+  with pytest.raises(ValueError, match="image_stem"):
+    init_model(small_config(image_stem="resnet"))
+
+
 def test_audio_frontend_mask():
   assert encoders.subsample_strides(4) == (2, 2)
   assert encoders.subsample_strides(6) == (2, 3)

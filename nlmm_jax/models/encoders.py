@@ -119,16 +119,50 @@ class TextEncoder(nn.Module):
     return nl_stack(cfg, x, text_mask, "text", deterministic)
 
 
+IMAGE_STEMS = ("patch", "conv")
+
+
+def conv_stem_channels(width: int, patch_size: int) -> tuple[int, ...]:
+  """Channels of the `conv` stem's stride-2 stages: log2(patch) stages ending at `width`,
+  each half the next (patch 8, d 128 -> (32, 64, 128))."""
+  n = patch_size.bit_length() - 1
+  if patch_size < 2 or 2 ** n != patch_size:
+    raise ValueError(f"model.image_stem='conv' needs a power-of-2 patch_size >= 2, "
+                     f"got {patch_size}")
+  return tuple(max(width // 2 ** (n - 1 - i), 8) for i in range(n))
+
+
 class ImageEncoder(nn.Module):
-  """Patchify (conv, stride = patch) + learned positions + NL blocks. image [B, H, W, 3]."""
+  """Image [B, H, W, 3] -> patch tokens [B, (H/p)(W/p), d] + learned positions + NL blocks.
+
+  Stem (`model.image_stem`): `patch` = one linear conv with kernel = stride = p (ViT);
+  `conv` = log2(p) 3x3 stride-2 convs with GELU between them (the early-convolution stem
+  of Xiao et al., 2021), same token grid, local nonlinear features in each token.
+  """
   cfg: Any
 
   @nn.compact
   def __call__(self, image: Array, deterministic: bool = True) -> tuple[Array, None]:
     cfg = self.cfg
     p = cfg.patch_size
-    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID",
-                dtype=compute_dtype(cfg), name="patch_embed")(image)  # [B, H/p, W/p, d]
+    dtype = compute_dtype(cfg)
+    stem = cfg.image_stem
+    if stem == "patch":
+      x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID",
+                  dtype=dtype, name="patch_embed")(image)            # [B, H/p, W/p, d]
+    elif stem == "conv":
+      if cfg.image_size % p:
+        raise ValueError(f"model.image_size {cfg.image_size} is not a multiple of "
+                         f"model.patch_size {p}")
+      x = image
+      channels = conv_stem_channels(cfg.width, p)
+      for i, ch in enumerate(channels):
+        x = nn.Conv(ch, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
+                    name=f"stem_conv_{i}")(x)                          # [B, H/2^(i+1), ., ch]
+        if i + 1 < len(channels):
+          x = nn.gelu(x)
+    else:
+      raise ValueError(f"model.image_stem must be one of {IMAGE_STEMS}, got {stem!r}")
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d).astype(jnp.float32)  # [B, N, d]
     rows = (cfg.image_size // p) ** 2
