@@ -1,4 +1,4 @@
-"""demo: the whole job on the generated demo corpus (no download), ~13 min on 2 CPU cores."""
+"""demo: the whole job on the generated demo corpus (no download), ~9 min on 2 CPU cores."""
 
 from nlmm_jax import config_lib
 
