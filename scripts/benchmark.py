@@ -40,12 +40,28 @@ def time_fn(fn: Callable, *args, repeats: int = 5) -> float:
   return statistics.median(times)
 
 
-def compiled_memory(jitted, *args) -> Dict[str, float]:
-  """XLA's memory analysis of a jitted function (MiB), or {} where unavailable."""
-  return compiled_memory_of(jitted.lower(*args).compile())
+def compile_timed(jitted, *args):
+  """(compiled executable, compile seconds, XLA memory analysis) of jitted(*args).
+
+  Call the returned executable (not `jitted`) so that the program compiles once."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t0, compiled_memory(compiled)
 
 
-def compiled_memory_of(compiled) -> Dict[str, float]:
+def time_carried(step: Callable, carry, *rest, repeats: int):
+  """Median wall time (s) of `carry = step(carry, *rest)` (a step that donates its carry),
+  after one warm-up run; returns (median seconds, last carry)."""
+  carry = jax.block_until_ready(step(carry, *rest))
+  times = []
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    carry = jax.block_until_ready(step(carry, *rest))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), carry
+
+
+def compiled_memory(compiled) -> Dict[str, float]:
   """XLA's memory analysis of a compiled function (MiB); {} (printed as nan) where the
   backend does not implement it."""
   try:
@@ -122,12 +138,8 @@ def bench_memory(args) -> List[Row]:
 
   def measure(form, rule, t, repeats):
     args_t = inputs(t)
-    fn = fwd_bwd(form, rule)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args_t))
-    compile_s = time.perf_counter() - t0
+    fn, compile_s, mem = compile_timed(fwd_bwd(form, rule), *args_t)
     sec = time_fn(fn, *args_t, repeats=repeats)
-    mem = compiled_memory(fn, *args_t)
     return dict(form=form, rule=rule, T=t, B=b, H=h, e=e,
                 C=c if form == "chunked" else "-", compile_s=compile_s, fwd_bwd_s=sec,
                 tok_per_s=b * t / sec, xla_total_mib=mem.get("total_mib", float("nan")),
@@ -194,22 +206,16 @@ def bench_optim(args) -> List[Row]:
     opt = levels.build_optimizer(cfg)
     state = jax.jit(opt.init)(params)
 
-    def step(p, s, g):
+    def step(carry, g):
+      p, s = carry
       u, s = opt.update(g, s, p)
       return optax.apply_updates(p, u), s
 
-    t0 = time.perf_counter()
-    step = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled_memory_of(step)
-    params, state = jax.block_until_ready(step(params, state, grads))
-    times = []
-    for _ in range(max(1, args.repeats)):
-      t0 = time.perf_counter()
-      params, state = jax.block_until_ready(step(params, state, grads))
-      times.append(time.perf_counter() - t0)
+    step, compile_s, mem = compile_timed(jax.jit(step, donate_argnums=0), (params, state),
+                                         grads)
+    sec, (params, state) = time_carried(step, (params, state), grads, repeats=args.repeats)
     rows.append(dict(optimizer=name, params_m=n_params / 1e6, state_mib=mib(state),
-                     compile_s=compile_s, ms_per_step=1e3 * statistics.median(times),
+                     compile_s=compile_s, ms_per_step=1e3 * sec,
                      xla_temp_mib=mem.get("temp_mib", float("nan"))))
     del state
   for r in rows:
@@ -240,7 +246,6 @@ def bench_model(args) -> List[Row]:
   from nlmm_jax.optim import levels
 
   cfg = config_lib.load_config(args.model_config, args.model_overrides)
-  cfg.train.batch_size = args.model_batch
   model = nlmm.build_model(cfg.model, cfg.loss)
   tx = levels.build_optimizer(cfg)
   mesh = train.make_mesh(cfg)
@@ -258,19 +263,17 @@ def bench_model(args) -> List[Row]:
   step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, loss_cfg=cfg.loss),
                  in_shardings=(state_sharding, train.batch_sharding(mesh)),
                  out_shardings=(state_sharding, None), donate_argnums=0)
-  t0 = time.perf_counter()
-  step = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled_memory_of(step)
-  state, metrics = jax.block_until_ready(step(state, batch))
-  times = []
-  for _ in range(max(1, args.model_repeats)):
-    t0 = time.perf_counter()
-    state, metrics = jax.block_until_ready(step(state, batch))
-    times.append(time.perf_counter() - t0)
-  if not bool(metrics["finite"]):
+  step, compile_s, mem = compile_timed(step, state, batch)
+  finite = []
+
+  def run(s, b):
+    s, metrics = step(s, b)
+    finite.append(metrics["finite"])
+    return s
+
+  sec, state = time_carried(run, state, batch, repeats=args.model_repeats)
+  if not all(bool(f) for f in finite):
     raise FloatingPointError("the benchmarked train step produced a non-finite loss")
-  sec = statistics.median(times)
   n_params = nlmm.param_count(state.params)
   m = cfg.model
   row = dict(config=args.model_config, params_m=n_params / 1e6, batch=args.model_batch,
