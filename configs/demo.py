@@ -1,4 +1,4 @@
-"""demo: the whole job on the generated demo corpus (no download), ~10.5 min on 2 CPU cores."""
+"""demo: the whole job on the generated demo corpus (no download), ~9.5 min on 2 CPU cores."""
 
 from nlmm_jax import config_lib
 
@@ -11,6 +11,7 @@ def get_config():
   c.data.crop_margin = 4             # +-4 px crop jitter: the scene's position is a caption word
   c.model.width = 128
   c.model.heads = 4
+  c.model.mlp_mult = 2               # CMS levels d -> 2d -> d: 14% faster steps, same recall
   c.model.depth = config_lib.ConfigDict(dict(text=1, image=2, audio=1))  # images are the hard part
   c.model.num_latents = 8
   c.model.clm_readout = "attention"  # learned-query pooling of the slots (mean: far slower here)
