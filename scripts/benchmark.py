@@ -254,14 +254,15 @@ def bench_model(args) -> List[Row]:
   batch["image"] = rng.standard_normal(batch["image"].shape).astype(np.float32)
   batch["audio"] = rng.standard_normal(batch["audio"].shape).astype(np.float32)
   batch["text"] = rng.integers(1, cfg.model.vocab_size, batch["text"].shape).astype(np.int32)
-  batch = train.to_global(batch, train.batch_sharding(mesh))
+  data_sharding = train.batch_sharding(mesh)
+  batch = train.to_global(batch, data_sharding)
 
   init = train.make_init_fn(model, tx, cfg)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   state_sharding = train.state_sharding(abstract, mesh)
   state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(0))
   step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, loss_cfg=cfg.loss),
-                 in_shardings=(state_sharding, train.batch_sharding(mesh)),
+                 in_shardings=(state_sharding, data_sharding),
                  out_shardings=(state_sharding, None), donate_argnums=0)
   step, compile_s, mem = compile_timed(step, state, batch)
   finite = []
