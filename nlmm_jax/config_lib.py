@@ -28,7 +28,7 @@ def model_config() -> ConfigDict:
   m.norm = "pre"                     # "pre" (default) | "post" (post-norm with DeepNorm alpha)
   m.embed_dim = 128                  # joint embedding size
   m.num_latents = 16                 # L_mem: central latent memory slots
-  m.clm_readout = "mean"             # CLM slots -> embedding: "mean" | "attention" (pooling)
+  m.clm_readout = "mean"             # CLM slots -> embedding: "mean" | "attention" | "concat"
   m.dtype = "float32"                # matmul dtype: "float32" | "bfloat16" (params/states stay fp32)
   m.remat = False                    # gradient checkpointing per NL block
   m.dropout = 0.0
@@ -59,6 +59,7 @@ def model_config() -> ConfigDict:
   m.image_size = 64
   m.patch_size = 8
   m.image_stem = "patch"             # "patch" (linear patchify) | "conv" (3x3 stride-2 convs)
+  m.image_posemb = "learn"           # "learn" | "sincos2d" (fixed 2-D sine-cosine)
   m.n_mels = 80
   m.max_frames = 400                 # log-mel frames before the conv front-end
   m.audio_subsample = 4              # conv front-end time stride

@@ -13,6 +13,7 @@ from nlmm_jax import config_lib
 from nlmm_jax import losses
 from nlmm_jax.models import cms as cms_lib
 from nlmm_jax.models import encoders
+from nlmm_jax.models import fusion
 from nlmm_jax.models import nlmm
 
 CONFIGS = ["demo", "tiny", "small", "medium", "large"]
@@ -373,3 +374,50 @@ def test_config_trains_on_two_device_mesh(name):
 
 def global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree)))
+
+
+def test_image_sincos2d_positions():
+  """Fixed 2-D sine-cosine positions: the formula by hand, no learned table, still used."""
+  pos = np.asarray(encoders.sincos2d(2, 3, 8))                      # omega = (1, 1e-2)
+  assert pos.shape == (6, 8)
+  for i in range(6):
+    y, x = divmod(i, 3)
+    want = [np.sin(y), np.sin(y / 100), np.cos(y), np.cos(y / 100),
+            np.sin(x), np.sin(x / 100), np.cos(x), np.cos(x / 100)]
+    np.testing.assert_allclose(pos[i], want, atol=1e-6)
+  with pytest.raises(ValueError, match="width % 4"):
+    encoders.sincos2d(2, 2, 6)
+  image = np.random.default_rng(4).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  tokens = {}
+  for posemb in ("learn", "sincos2d"):
+    model, params = init_model(small_config(image_posemb=posemb))
+    assert ("pos_embedding" in params["image_encoder"]) == (posemb == "learn")
+    tokens[posemb] = jit(lambda p, x: model.apply(
+        {"params": p}, x, method=lambda m, x: m.image_encoder(x)[0]))(params, image)
+  assert np.abs(np.asarray(tokens["learn"]) - np.asarray(tokens["sincos2d"])).max() > 1e-3
+  with pytest.raises(ValueError, match="image_posemb"):
+    init_model(small_config(image_posemb="rope"))
+
+
+def test_clm_readouts_pool_the_same_slots():
+  """concat = the L slots side by side; mean and attention pool those same slots."""
+  c = small_config()
+  m = c.model
+  tokens = jnp.asarray(np.random.default_rng(5).normal(size=(3, 7, m.width)), jnp.float32)
+  mask = np.arange(7)[None] < np.array([[7], [4], [1]])
+  clm = lambda readout: fusion.CentralLatentMemory(
+      ml_collections.FrozenConfigDict(dict(m.to_dict(), clm_readout=readout)))
+  params = jit(lambda r: clm("mean").init(r, tokens, mask, "image"))(jax.random.key(0))
+  run = lambda readout, p: np.asarray(jit(
+      lambda p: clm(readout).apply(p, tokens, mask, "image"))(p))
+  slots = run("concat", params)
+  assert slots.shape == (3, m.num_latents * m.width)
+  slots = slots.reshape(3, m.num_latents, m.width)
+  np.testing.assert_allclose(run("mean", params), slots.mean(1), atol=1e-5)
+  query = np.random.default_rng(6).normal(size=(m.width,)).astype(np.float32)
+  p_attn = {"params": dict(params["params"], readout_query=jnp.asarray(query))}
+  w = jax.nn.softmax(slots @ query / np.sqrt(m.width), axis=-1)             # [3, L]
+  np.testing.assert_allclose(run("attention", p_attn), np.einsum("bl,bld->bd", w, slots),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="clm_readout"):
+    run("max", params)

@@ -120,6 +120,21 @@ class TextEncoder(nn.Module):
 
 
 IMAGE_STEMS = ("patch", "conv")
+IMAGE_POSEMBS = ("learn", "sincos2d")
+
+
+def sincos2d(gh: int, gw: int, d: int, temperature: float = 10000.0) -> Array:
+  """Fixed 2-D sine-cosine positions [gh * gw, d] (row-major grid), as in MAE / big_vision:
+  d/4 frequencies omega_i = temperature^(-i / (d/4)); [sin(y w), cos(y w), sin(x w), cos(x w)].
+  """
+  if d % 4:
+    raise ValueError(f"model.image_posemb='sincos2d' needs width % 4 == 0, got {d}")
+  y, x = jnp.meshgrid(jnp.arange(gh, dtype=jnp.float32), jnp.arange(gw, dtype=jnp.float32),
+                      indexing="ij")
+  omega = temperature ** -(jnp.arange(d // 4, dtype=jnp.float32) / (d // 4))
+  y = y.reshape(-1)[:, None] * omega[None]           # [N, d/4]
+  x = x.reshape(-1)[:, None] * omega[None]
+  return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=1)
 
 
 def conv_stem_channels(width: int, patch_size: int) -> tuple[int, ...]:
@@ -133,11 +148,12 @@ def conv_stem_channels(width: int, patch_size: int) -> tuple[int, ...]:
 
 
 class ImageEncoder(nn.Module):
-  """Image [B, H, W, 3] -> patch tokens [B, (H/p)(W/p), d] + learned positions + NL blocks.
+  """Image [B, H, W, 3] -> patch tokens [B, (H/p)(W/p), d] + positions + NL blocks.
 
   Stem (`model.image_stem`): `patch` = one linear conv with kernel = stride = p (ViT);
   `conv` = log2(p) 3x3 stride-2 convs with GELU between them (the early-convolution stem
   of Xiao et al., 2021), same token grid, local nonlinear features in each token.
+  Positions (`model.image_posemb`): `learn` (from N(0, 0.02)) or `sincos2d` (fixed).
   """
   cfg: Any
 
@@ -165,8 +181,14 @@ class ImageEncoder(nn.Module):
       raise ValueError(f"model.image_stem must be one of {IMAGE_STEMS}, got {stem!r}")
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d).astype(jnp.float32)  # [B, N, d]
-    rows = (cfg.image_size // p) ** 2
-    x = x + _pos_embedding(self, rows, gh * gw, d, "image patches")[None]
+    if cfg.image_posemb == "learn":
+      rows = (cfg.image_size // p) ** 2
+      x = x + _pos_embedding(self, rows, gh * gw, d, "image patches")[None]
+    elif cfg.image_posemb == "sincos2d":
+      x = x + sincos2d(gh, gw, d)[None]
+    else:
+      raise ValueError(f"model.image_posemb must be one of {IMAGE_POSEMBS}, "
+                       f"got {cfg.image_posemb!r}")
     return nl_stack(cfg, x, None, "image", deterministic)
 
 

@@ -198,7 +198,7 @@ def memory_chunked(q: Array, k: Array, v: Array, beta: Optional[Array] = None,
   xs = (q_dec, qk, k_dec, u, g_last) + (() if w is None else (w,))
   xs = tuple(jnp.moveaxis(a, 2, 0) for a in xs)       # chunks first
   s0 = jnp.zeros((b, h, ek, ev), jnp.float32)
-  _, o = jax.lax.scan(step, s0, xs)                   # [N, B, H, C, e_v]
+  _, o = jax.lax.scan(step, s0, xs, unroll=n <= 8)    # [N, B, H, C, e_v]; short: unrolled
   o = jnp.moveaxis(o, 0, 2).reshape(b, h, n * c, ev)[:, :, :t]
   return o * m[..., None]
 

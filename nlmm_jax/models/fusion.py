@@ -7,7 +7,7 @@ memory through which every modality is read, one modality at a time:
   z_1 = z_0 + CrossAttn(RMSNorm(z_0), tokens, mask)          read ONE modality's tokens
   z_2 = z_1 + FW(RMSNorm(z_1))                               fast-weight memory over slots
   z_3 = z_2 + CMS(RMSNorm(z_2))                              continuum memory
-  r   = pool(RMSNorm(z_3))                                   [B, d] (mean | attention)
+  r   = pool(RMSNorm(z_3))          [B, d] (mean | attention) or [B, L d] (concat)
 
 The read comes first so that the fast-weight memory runs over slots that already carry the
 input: applied to the bare learned slots it would compute one constant per modality. The
@@ -29,7 +29,7 @@ from nlmm_jax.models import fast_weights
 Array = jax.Array
 
 MODALITIES = ("image", "text", "audio")
-READOUTS = ("mean", "attention")
+READOUTS = ("mean", "attention", "concat")
 MASK_VALUE = -1e30
 
 
@@ -57,7 +57,12 @@ class CrossAttention(nn.Module):
 
 
 class CentralLatentMemory(nn.Module):
-  """CLM: tokens [B, T, d] + mask [B, T] of one modality -> readout [B, d] (fp32)."""
+  """CLM: tokens [B, T, d] + mask [B, T] of one modality -> readout (fp32).
+
+  Readout (`model.clm_readout`): `mean` of the slots [B, d]; `attention`, a learned
+  query's softmax pooling of the slots [B, d]; `concat`, the slots side by side [B, L d]
+  (each slot keeps its own dimensions in the projection that follows).
+  """
   cfg: Any
 
   @nn.compact
@@ -91,4 +96,6 @@ class CentralLatentMemory(nn.Module):
       query = self.param("readout_query", init, (d,), jnp.float32)
       logits = jnp.einsum("bld,d->bl", z, query) / math.sqrt(d)
       return jnp.einsum("bl,bld->bd", jax.nn.softmax(logits, axis=-1), z)
+    if cfg.clm_readout == "concat":
+      return z.reshape(b, n * d)                                      # [B, L d]
     raise ValueError(f"model.clm_readout must be one of {READOUTS}, got {cfg.clm_readout!r}")

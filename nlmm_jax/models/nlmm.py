@@ -85,7 +85,7 @@ class NLMM(nn.Module):
   def embed(self, inputs: Mapping[str, Array], modality: str, train: bool = False) -> Array:
     """inputs (this modality's keys only) -> L2-normalised embedding [B, E] (fp32)."""
     tokens, mask = self.encode(inputs, modality, train)       # [B, T, d], [B, T]
-    readout = self.clm(tokens, mask, modality, not train)     # [B, d]
+    readout = self.clm(tokens, mask, modality, not train)     # [B, d] ([B, L d]: concat)
     return l2_normalize(self.projection[modality](readout))   # [B, E]
 
   def scale(self) -> Array:
