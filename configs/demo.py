@@ -1,4 +1,4 @@
-"""demo: the whole job on the generated demo corpus (no download), ~9.5 min on 2 CPU cores."""
+"""demo: the whole job on the generated demo corpus (no download), ~9 min on 2 CPU cores."""
 
 from nlmm_jax import config_lib
 
@@ -27,9 +27,9 @@ def get_config():
   c.model.memory.form = "chunked"
   c.model.memory.chunk_size = 8
   c.train.batch_size = 64            # more near-duplicate negatives per batch (vs 32: far better)
-  c.train.total_steps = 700
-  c.train.eval_every = 350
-  c.train.checkpoint_every = 350
+  c.train.total_steps = 640
+  c.train.eval_every = 320
+  c.train.checkpoint_every = 320
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
   for lvl in c.model.cms.levels.values():
