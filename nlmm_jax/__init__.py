@@ -11,3 +11,11 @@ __version__ = "0.1.0"
 _FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_FLAGS", ""):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+
+def load(path, step="best", batch_size=32, *, ttt_steps=None, ttt_lr=None, ttt_rank=None):
+  """A trained model from a workdir or checkpoint (see `nlmm_jax.api.load`); ttt_*:
+  test-time training settings (default: the checkpoint config's `ttt`, off)."""
+  from nlmm_jax import api  # pylint: disable=g-import-not-at-top  (jax imports lazily)
+  return api.load(path, step=step, batch_size=batch_size, ttt_steps=ttt_steps,
+                  ttt_lr=ttt_lr, ttt_rank=ttt_rank)

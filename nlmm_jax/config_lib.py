@@ -38,10 +38,14 @@ def model_config() -> ConfigDict:
   m.memory.rule = "delta"            # "hebbian" | "delta"
   m.memory.form = "chunked"          # "recurrent" (lax.scan over tokens: the oracle) | "chunked"
   m.memory.chunk_size = 64           # C
-  m.memory.decay = 0.0               # hebbian: lambda = 1 - decay
-  m.memory.gate = False              # delta: gated delta rule (alpha_t)
+  m.memory.decay = 0.0               # hebbian only: lambda = 1 - decay (an error with delta)
+  m.memory.gate = False              # delta only: gated delta rule (alpha_t; an error with hebbian)
   m.memory.qk_norm = "l2"            # "l2" | "rms"
-  m.memory.hope = True               # HOPE modulation of q, k, v by the block's context
+  m.memory.context_gain = True       # per-token gains on q, k, v from the context seen so
+                                     # far (prefix mean when causal); NOT the paper's HOPE
+  m.memory.context_hidden = 64       # hidden width of the context-gain MLP (d -> 64 -> 3h)
+  m.memory.precision = "highest"     # intra-chunk score matmuls: "highest" | "high" | "default"
+                                     # (state recurrence and triangular inverse: always highest)
   m.memory.direction = ConfigDict(dict(
       text="causal", image="bidirectional", audio="bidirectional", latent="bidirectional"))
 
@@ -107,6 +111,8 @@ def data_config() -> ConfigDict:
   d.name = "demo"                    # "demo" (generated, Flickr8k layout) | "flickr8k"
   d.root = "data/demo_corpus"        # a Flickr8k + FACC root (any accepted layout)
   d.cache_dir = "data/cache"         # preprocessed TFDS/ArrayRecord cache
+  d.cache_verify = "stat"            # what keys the cache per media file: "stat" (size +
+                                     # mtime) | "hash" (sha256 of the bytes; reads them all)
   d.use_audio = True                 # False: image-text only
   d.max_lost_fraction = 0.01         # error if more of a split is lost to quirks
   d.demo_num_images = 1000           # demo corpus size (split 80/10/10)
@@ -144,8 +150,18 @@ def train_config() -> ConfigDict:
   t.checkpoint_every = 250
   t.keep_checkpoints = 3
   t.mesh = ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
-  t.eval_splits = ("dev",)
+  t.eval_splits = ("test",)          # --mode=eval: the splits evaluated (e.g. ("dev", "test"))
   t.progress_bar = True
+  return t
+
+
+def ttt_config() -> ConfigDict:
+  """Test-time training at inference (models/ttt.py): per-example low-rank key adapters
+  fitted by `steps` SGD steps on the fast-weight memories' prediction error."""
+  t = ConfigDict()
+  t.steps = 0                        # inner SGD steps per example (0: off, the plain model)
+  t.lr = 0.1                         # inner step size
+  t.rank = 4                         # adapter rank r (W_k + A B, A [d, r], B [r, d] = 0 at init)
   return t
 
 
@@ -158,25 +174,101 @@ def base_config() -> ConfigDict:
   c.data = data_config()
   c.loss = loss_config()
   c.train = train_config()
+  c.ttt = ttt_config()
   return c
 
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+FREE_FORM = ("model.cms.levels",)  # sections whose keys are names the user chooses
+
+
+def config_from_dict(saved: dict, what: str = "the saved config") -> ConfigDict:
+  """A run's saved config (e.g. a checkpoint's `config` item) over today's defaults.
+
+  Raises ValueError naming every key that this version does not know (a checkpoint from
+  another version or another project), so a model is never rebuilt from a config that
+  means something else; keys added since the run take their defaults.
+  """
+  config = base_config()
+  unknown = []
+
+  def merge(node: ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+      path = f"{prefix}{key}"
+      if path in FREE_FORM:
+        node[key] = ConfigDict(value)
+      elif key not in node:
+        unknown.append(path)
+      elif isinstance(node[key], ConfigDict):
+        if not isinstance(value, dict):
+          unknown.append(f"{path} (a section here, {type(value).__name__} there)")
+        else:
+          merge(node[key], value, path + ".")
+      else:
+        try:
+          node[key] = value
+        except TypeError as e:
+          unknown.append(f"{path} ({e})")
+
+  merge(config, saved, "")
+  if unknown:
+    raise ValueError(f"{what} does not match this version of nlmm_jax: unknown or "
+                     f"mistyped keys {unknown}")
+  return config
+
+
+def _config_dir() -> pathlib.Path:
+  """Where the named configs live: the package's copy, else the clone's `configs/`.
+
+  An installed nlmm_jax (`pip install .`, a wheel) carries the root `configs/` folder as
+  the package `nlmm_jax.configs` (pyproject.toml maps it; the files are not duplicated in
+  the repository); a clone or an editable install reads `<repo>/configs` directly.
+  """
+  here = pathlib.Path(__file__).resolve().parent
+  packaged = here / "configs"
+  return packaged if packaged.is_dir() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
+
+
+def config_names() -> list[str]:
+  """The named configs (`demo`, `tiny`, `small`, ...)."""
+  return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def config_path(name_or_path: str) -> pathlib.Path:
+  """The config file for a bare name (`demo`) or a path (`configs/demo.py`, `my.py`).
+
+  A value that is an existing file is used as is; otherwise a value without a suffix is
+  the name of a packaged config (`CONFIG_DIR/<name>.py`), so `demo` works from any working
+  directory and after a non-editable install. Anything else is a FileNotFoundError that
+  lists the names.
+  """
+  path = pathlib.Path(name_or_path)
+  if path.is_file():
+    return path
+  if not path.suffix and len(path.parts) == 1:
+    packaged = CONFIG_DIR / f"{name_or_path}.py"
+    if packaged.is_file():
+      return packaged
+    raise FileNotFoundError(
+        f"no config named {name_or_path!r}; available: {config_names()} (in {CONFIG_DIR}), "
+        f"or give the path of a config file")
+  hint = ""
+  if path.suffix == ".py" and (CONFIG_DIR / path.name).is_file():
+    hint = f"; the installed package has it: use the bare name {path.stem!r}"
+  raise FileNotFoundError(
+      f"config file {name_or_path} not found (working directory {os.getcwd()}){hint}; "
+      f"available names: {config_names()}")
 
 
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> ConfigDict:
-  """Loads `configs/<name>.py` (or a path) and applies `key=value` overrides.
+  """Loads a config by name (`demo`, see `config_path`) or path and applies overrides.
 
   Overrides use the command line's syntax (`train.total_steps=10`) and go through
   ml_collections' own flag parser, so a wrong key fails exactly as on the command line.
   """
-  path = pathlib.Path(name_or_path)
-  if not path.suffix:
-    path = CONFIG_DIR / f"{name_or_path}.py"
-  if not path.is_file():
-    raise FileNotFoundError(
-        f"config file {path} not found; available: "
-        f"{sorted(p.stem for p in CONFIG_DIR.glob('*.py'))}")
+  path = config_path(name_or_path)
   if not overrides:
     spec = importlib.util.spec_from_file_location(f"nlmm_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)

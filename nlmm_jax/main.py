@@ -1,7 +1,9 @@
-"""Entry point: `python -m nlmm_jax.main --config=configs/small.py --workdir=DIR`.
+"""Entry point: `python -m nlmm_jax.main --config=small --workdir=DIR`.
 
-  --config             a config file (configs/*.py); override keys with
-                       --config.train.total_steps=100 (an unknown key is an error)
+  --config             a config: a bare name (demo, tiny, small, medium, large: the
+                       packaged configs/*.py, from any directory and after `pip install`)
+                       or a path to a config file (configs/demo.py from a clone); override
+                       keys with --config.train.total_steps=100 (an unknown key is an error)
   --workdir            checkpoints, TensorBoard events, metrics and plots; rerunning
                        with the same workdir resumes
   --mode               train (default) | eval (best checkpoint, or config.init_from, on test)
@@ -12,6 +14,7 @@ pods, or JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID).
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -19,10 +22,15 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training configuration file.", lock_config=True)
+    "config", None, "A config name (demo, tiny, small, medium, large) or a config file path.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# Errors that describe bad input or a diverged run (their messages say what to do).
+# FloatingPointError covers train.NonFiniteLossError and evaluate.NonFiniteEmbeddingError.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
 def _maybe_initialize_distributed() -> None:
@@ -55,11 +63,66 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   logging.info("Config:\n%s", config)
-  if _MODE.value == "train":
-    train.train_and_evaluate(config, _WORKDIR.value)
-  else:
-    train.evaluate_checkpoint(config, _WORKDIR.value)
+  try:
+    if _MODE.value == "train":
+      train.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      train.evaluate_checkpoint(config, _WORKDIR.value)
+  except USER_ERRORS as e:
+    # Bad input (config, files, a diverged run) gets its message, not a traceback; the
+    # traceback stays available at --verbosity=1.
+    logging.debug("traceback:", exc_info=True)
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(1)
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """argv with a bare `--config=NAME` replaced by the packaged file's path.
+
+  config_flags loads `--config`'s value as a file path (relative to the working
+  directory) while parsing flags, so a name is turned into a path before `app.run`:
+  `--config=demo` (or `--config demo`) becomes `--config=<CONFIG_DIR>/demo.py`; a value
+  that is an existing file (`configs/demo.py` in a clone) is kept; a `:arg` suffix
+  (config_flags' get_config argument) is kept. `--config.x=y` overrides are untouched (they
+  are read from sys.argv, not from this value). A name or path that does not exist raises
+  FileNotFoundError listing the names (config_flags would defer that error to the first
+  use of the config). Not rewritten: a --config given inside a --flagfile.
+  """
+  from nlmm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  out = list(argv)
+  i = 1
+  while i < len(out):
+    arg = out[i]
+    if arg == "--":
+      break
+    for prefix in ("--config=", "-config="):
+      if arg.startswith(prefix):
+        out[i] = prefix + _resolve_config_value(arg[len(prefix):], config_lib)
+        break
+    else:
+      if arg in ("--config", "-config") and i + 1 < len(out):
+        out[i + 1] = _resolve_config_value(out[i + 1], config_lib)
+        i += 1
+    i += 1
+  return out
+
+
+def _resolve_config_value(value: str, config_lib) -> str:
+  if os.path.isfile(value):
+    return value
+  path, sep, rest = value.partition(":")
+  return os.fspath(config_lib.config_path(path)) + sep + rest
+
+
+def run() -> None:
+  """The command line: resolves a bare --config name, then absl's app.run(main)."""
+  try:
+    sys.argv = resolve_config_argv(sys.argv)
+  except FileNotFoundError as e:
+    sys.stderr.write(f"error: --config: {e}\n")
+    sys.exit(1)
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -29,6 +29,7 @@ from nlmm_jax import logging as nl_logging
 from nlmm_jax import losses
 from nlmm_jax.data import pipeline
 from nlmm_jax.models import nlmm
+from nlmm_jax.models import ttt as ttt_lib
 from nlmm_jax.optim import levels
 
 MODALITY_KEYS = {"image": ("image",), "text": ("text", "text_mask"),
@@ -119,6 +120,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_cfg):
       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  params = nlmm.clip_logit_scale(params, loss_cfg.max_logit_scale)  # after the update
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
@@ -134,17 +136,22 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_cfg):
 
 
 class Evaluator:
-  """Embeds each modality of a split on its own and scores the retrieval protocol."""
+  """Embeds each modality of a split on its own and scores the retrieval protocol.
+
+  With `config.ttt.steps` > 0 every item is embedded with test-time training
+  (`models/ttt.py`: per-item key adapters fitted on its own tokens; params untouched).
+  """
 
   def __init__(self, model, mesh, params_sharding, config):
     self.config = config
     self.mesh = mesh
     self.sharding = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
+    steps, lr, rank = ttt_lib.settings(config) if "ttt" in config else (0, 0.0, 0)
     self._embed = {}
     for modality, keys in MODALITY_KEYS.items():
       def fn(params, inputs, modality=modality):
-        return model.apply({"params": params}, inputs, modality, method=nlmm.NLMM.embed)
+        return ttt_lib.embed(model, params, inputs, modality, steps=steps, lr=lr, rank=rank)
       self._embed[modality] = jax.jit(
           fn, in_shardings=(params_sharding, {k: self.sharding for k in keys}),
           out_shardings=replicated)
@@ -304,6 +311,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending: list[tuple[int, dict]] = []
   t_last, examples = time.time(), 0
 
+  def last_good() -> str:
+    manager.wait_until_finished()
+    good = manager.latest_step()
+    return (f"step {good} in {checkpointing.checkpoint_dir(workdir)} (rerunning with this "
+            "workdir resumes from it)" if good is not None else
+            "none yet (the run had not saved one)")
+
   def flush_metrics(upto_step: int):
     nonlocal t_last, examples
     if not pending:
@@ -311,14 +325,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fetched = jax.device_get([m for _, m in pending])
     bad = [st for (st, _), m in zip(pending, fetched) if not bool(m["finite"])]
     if bad:
-      manager.wait_until_finished()
-      good = manager.latest_step()
-      where = (f"step {good} in {checkpointing.checkpoint_dir(workdir)} (rerunning with this "
-               "workdir resumes from it)" if good is not None else
-               "none yet (the run had not saved one)")
       raise NonFiniteLossError(
           f"non-finite loss or gradient at step {bad[0]}; that update was not applied. "
-          f"Last good checkpoint: {where}. Lower optim.lr, raise optim.warmup_steps or "
+          f"Last good checkpoint: {last_good()}. Lower optim.lr, raise optim.warmup_steps or "
           "check the data before restarting.")
     scalars = {}
     for key in fetched[0]:
@@ -342,7 +351,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_eval(split: str, params, at_step: int) -> dict:
     t0 = time.time()
-    metrics = evaluator(params, data, split)
+    try:
+      metrics = evaluator(params, data, split)
+    except evaluate.NonFiniteEmbeddingError as e:
+      raise evaluate.NonFiniteEmbeddingError(
+          f"eval {split} at step {at_step}: {e} This state was not saved. Last good "
+          f"checkpoint: {last_good()}.") from None
     metrics["eval_seconds"] = time.time() - t0
     writer.write_scalars(at_step, {f"eval_{split}/{k}": v for k, v in metrics.items()})
     if is_main:
@@ -350,8 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               {"step": at_step, "split": split, **metrics})
       with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
         json.dump({"step": at_step, **metrics}, f, indent=2)
-    logging.info("eval %s step %d: mean_R@1=%.2f rsum=%.1f", split, at_step,
-                 metrics["mean_R@1"], metrics["rsum"])
+    logging.info("eval %s step %d: mean_R@1=%.2f rsum_all=%.1f rsum_it=%.1f", split, at_step,
+                 metrics["mean_R@1"], metrics["rsum_all"], metrics.get("rsum_it", float("nan")))
     return metrics
 
   global_batch = config.train.batch_size
@@ -373,16 +387,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         dev = run_eval("dev", state.params, step)
         if is_main:
           nl_logging.plot_progress(workdir)
-        checkpointing.save(manager, step, state, train_iter, config,
+        checkpointing.save(manager, step, state, train_iter, config, tokenizer=data.tokenizer,
                            metrics={checkpointing.BEST_METRIC: dev[checkpointing.BEST_METRIC]})
       elif step % config.train.checkpoint_every == 0:
         flush_metrics(step)
-        checkpointing.save(manager, step, state, train_iter, config)
+        checkpointing.save(manager, step, state, train_iter, config,
+                           tokenizer=data.tokenizer)
       preempted = sigterm.received or manager.reached_preemption(step)
       if preempted and not last:
         flush_metrics(step)
         if step not in manager.all_steps():
-          checkpointing.save(manager, step, state, train_iter, config)
+          checkpointing.save(manager, step, state, train_iter, config,
+                             tokenizer=data.tokenizer)
         manager.wait_until_finished()
         writer.flush()
         logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
@@ -394,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     bar.close()
   manager.wait_until_finished()
 
-  # Test with the best checkpoint by dev RSUM.
+  # Test with the best checkpoint by dev rsum_all (checkpointing.BEST_METRIC).
   best = manager.best_step() or step
   if best != step:
     restored, _ = checkpointing.restore(manager, best, state)
@@ -412,12 +428,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return test
 
 
+def ttt_suffix(config) -> str:
+  """'' without test-time training, else e.g. '_ttt3_lr0.1_r4' (eval file names)."""
+  steps, lr, rank = ttt_lib.settings(config) if "ttt" in config else (0, 0.0, 0)
+  return f"_ttt{steps}_lr{lr:g}_r{rank}" if steps else ""
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        splits=("test",)) -> dict:
-  """--mode=eval: the best checkpoint of `workdir` (or `config.init_from`) on `splits`."""
+                        splits=None) -> dict:
+  """--mode=eval: the best checkpoint of `workdir` (or `config.init_from`) on `splits`
+  (default `config.train.eval_splits`), each written to `eval_<split>.json`, or
+  `eval_<split>_ttt<steps>_lr<lr>_r<rank>.json` with test-time training (`config.ttt`)."""
   workdir = os.path.abspath(workdir)
+  if splits is None:
+    splits = config.train.eval_splits
+  splits = (splits,) if isinstance(splits, str) else tuple(splits)
+  splits = tuple(p.strip() for sp in splits for p in sp.split(",") if p.strip())  # "dev,test"
   s = setup(config, workdir)
   config, state = s["config"], s["state"]
+  suffix = ttt_suffix(config)
   if config.init_from:
     params, step = checkpointing.restore_params(config.init_from, state.params)
   else:
@@ -432,12 +461,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   evaluator = Evaluator(s["model"], s["mesh"], s["shardings"].params, config)
   out = {}
   for split in splits:
+    t0 = time.time()
     metrics = evaluator(params, s["data"], split)
+    metrics["eval_seconds"] = time.time() - t0
     out[split] = metrics
     if jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-        json.dump({"step": int(step), **metrics}, f, indent=2)
-    logging.info("eval %s (checkpoint step %d): mean_R@1=%.2f rsum=%.1f", split, step,
-                 metrics["mean_R@1"], metrics["rsum"])
+      extra = {"ttt": config.ttt.to_dict()} if suffix else {}
+      with open(os.path.join(workdir, f"eval_{split}{suffix}.json"), "w") as f:
+        json.dump({"step": int(step), **extra, **metrics}, f, indent=2)
+    logging.info("eval %s%s (checkpoint step %d): mean_R@1=%.2f rsum_all=%.1f rsum_it=%.1f",
+                 split, suffix, step, metrics["mean_R@1"], metrics["rsum_all"],
+                 metrics.get("rsum_it", float("nan")))
   return out

@@ -16,3 +16,27 @@ flags.FLAGS.mark_as_parsed()
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+import pytest  # noqa: E402
+
+import tiny_run  # noqa: E402  pylint: disable=g-bad-import-order
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+  """A 20-image demo corpus and its feature cache: base / {corpus, cache}."""
+  from nlmm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.mktemp("tiny_demo")
+  pipeline.prepare(tiny_run.tiny_config(base / "corpus", base / "cache"))
+  return base
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_corpus, tmp_path_factory):
+  """(workdir, config) of the tiny job trained 4 steps (checkpoints at 2 and 4), shared by
+  the tests that use a trained model (API, retrieval, export, notebooks)."""
+  from nlmm_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  config = tiny_run.tiny_config(tiny_corpus / "corpus", tiny_corpus / "cache")
+  train.train_and_evaluate(config, str(workdir))
+  return workdir, config

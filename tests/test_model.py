@@ -307,14 +307,66 @@ def test_logit_scale_and_bias_params():
   assert set(top) == {"log_logit_scale"}
   np.testing.assert_allclose(model.apply({"params": top}, method=nlmm.NLMM.scale),
                              1 / 0.07, rtol=1e-6)
-  big = {"log_logit_scale": jnp.float32(10.0)}
-  np.testing.assert_allclose(model.apply({"params": big}, method=nlmm.NLMM.scale),
-                             c.loss.max_logit_scale)
   c.loss.kind = "siglip"
   model = nlmm.build_model(c.model, c.loss)
   top = model.init(jax.random.key(0), method=nlmm.NLMM.scale)["params"]
   np.testing.assert_allclose(top["logit_bias"], -10.0)
   assert nlmm.abstract_params(c)["logit_bias"].shape == ()
+
+
+def test_temperature_bound_keeps_its_gradient_and_is_applied_after_the_update():
+  """min(exp(s), 100) in the forward pass had zero gradient above the bound, so an
+  overshoot could never come back; the bound is now a clip of the parameter."""
+  c = small_config()
+  model = nlmm.build_model(c.model, c.loss)
+  rng = np.random.default_rng(0)
+  embs = {m: nlmm.l2_normalize(rng.normal(size=(8, 16)).astype(np.float32))
+          for m in ("image", "text")}
+
+  def loss(log_scale):
+    scale = model.apply({"params": {"log_logit_scale": log_scale}}, method=nlmm.NLMM.scale)
+    return losses.contrastive_loss(embs, scale, c.loss)[0]
+
+  bound = np.log(c.loss.max_logit_scale)
+  grads = [float(jax.grad(loss)(jnp.float32(bound + d))) for d in (-0.01, 0.0, 0.01)]
+  assert all(g > 1e-2 for g in grads), grads  # random pairs: the loss wants a lower scale
+  # One SGD step from the bound moves the scale back below it; the clip only caps.
+  stepped = nlmm.clip_logit_scale({"log_logit_scale": jnp.float32(bound) - 0.1 * grads[1]},
+                                  c.loss.max_logit_scale)
+  assert float(stepped["log_logit_scale"]) < bound - 1e-3
+  over = nlmm.clip_logit_scale({"log_logit_scale": jnp.float32(bound + 1.0), "w": 1.0},
+                               c.loss.max_logit_scale)
+  np.testing.assert_allclose(float(over["log_logit_scale"]), bound, rtol=1e-6)
+  assert over["w"] == 1.0
+
+
+def test_train_step_clips_the_logit_scale_after_the_update():
+  from nlmm_jax import train
+  from nlmm_jax.optim import levels
+  c = small_config()
+  c.optim.optimizer = "sgd"
+  c.optim.lr, c.optim.warmup_steps = -50.0, 1  # ascent: pushes the scale up past the bound
+  model = nlmm.build_model(c.model, c.loss)
+  tx = levels.build_optimizer(c)
+  state = jit(train.make_init_fn(model, tx, c))(jax.random.PRNGKey(0))
+  bound = np.log(c.loss.max_logit_scale)
+  state = state.replace(params={**state.params, "log_logit_scale": jnp.float32(bound - 0.01)})
+  batch = nlmm.example_batch(c.model, 4)
+  rng = np.random.default_rng(0)
+  batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
+  batch["text"] = rng.integers(1, 50, size=batch["text"].shape).astype(np.int32)
+  batch["audio"] = rng.normal(size=batch["audio"].shape).astype(np.float32)
+  step = jit(functools.partial(train.train_step, model=model, tx=tx, loss_cfg=c.loss))
+  new, metrics = step(state, batch)
+  assert bool(metrics["finite"])
+  np.testing.assert_allclose(float(new.params["log_logit_scale"]), bound, rtol=1e-6)
+
+
+def test_initial_temperature_beyond_the_bound_is_an_error():
+  c = small_config()
+  c.loss.temperature_init = 0.001
+  with pytest.raises(ValueError, match="max_logit_scale"):
+    nlmm.build_model(c.model, c.loss)
 
 
 # --------------------------------------------------------------------------- configs

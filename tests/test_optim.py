@@ -366,9 +366,19 @@ def test_learning_rates_follow_warmup_cosine_in_outer_steps():
   assert levels.learning_rates(c, 0)["default"] > 0
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_levels_update_at_their_own_period_with_mean_gradient(optimizer):
+@pytest.mark.parametrize("optimizer,eps", [("sgd", None), ("adamw", None), ("adamw", 1.0)])
+def test_levels_update_at_their_own_period_with_mean_gradient(optimizer, eps):
+  """Each level moves exactly at the outer steps n % k == 0, by its optimizer applied to
+  the MEAN gradient of the k steps, with the outer-step lr schedule.
+
+  sgd: the update is linear in the gradient, so a SUM of the k gradients would be k
+  times too large. adamw with its default eps (1e-8) is scale-invariant and cannot tell
+  a sum from a mean (it checks the period, the moments advancing once per window and
+  the schedule); adamw with eps = 1, as large as the gradients (unit normal), is not:
+  m / (sqrt(v) + eps) changes with the gradient's scale, so it checks the mean too."""
   c = _level_config(optimizer)
+  if eps is not None:
+    c.optim.eps = eps
   params0 = _level_params()
   labels = levels.label_params(params0, list(LEVELS))
   opt = levels.build_optimizer(c)
@@ -412,6 +422,64 @@ def test_levels_update_at_their_own_period_with_mean_gradient(optimizer):
                                  err_msg=f"{label} at step {n}")
       assert np.any(delta != 0)
     params = new_params
+
+
+def test_level_clip_weight_decay_and_momentum_act_once_per_window_on_the_mean():
+  """Where clipping, weight decay and momentum sit relative to the accumulation window
+  (levels.py: `MultiSteps(chain(clip_by_global_norm, base optimizer))`): MultiSteps
+  accumulates the RAW gradients; at the window's last step the label's chain gets their
+  mean, clips it by the global norm of that label's parameters alone, adds the weight
+  decay of the parameters at that moment, then the Nesterov momentum, which advances
+  once per window. Reference: the same optax pieces applied by hand to the window mean,
+  one chain per label. Clipping is active at every update (checked; so this test is
+  blind to a sum instead of the mean, which the test above covers), and momentum
+  shows from each level's second update on."""
+  clip, wd, momentum = 0.1, 0.05, 0.9
+  c = _level_config("sgd")
+  c.optim.clip_norm, c.optim.weight_decay, c.optim.momentum = clip, wd, momentum
+  params0 = _level_params()
+  opt = levels.build_optimizer(c)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *opt.update(g, s, p)))
+  rng = np.random.default_rng(7)
+  grads = [_random_tree(rng, params0) for _ in range(32)]
+  periods = dict(LEVELS, default=1)
+  peaks = {"default": 0.1, "fast": 0.05, "mid": 0.02, "slow": 0.01}
+  flat_labels = jax.tree.leaves(levels.label_params(params0, list(LEVELS)))
+  flat_mask = jax.tree.leaves(levels.weight_decay_mask(params0))
+  assert any(flat_mask) and not all(flat_mask)
+  idx = {name: [i for i, l in enumerate(flat_labels) if l == name] for name in periods}
+  refs, ref_states = {}, {}
+  for name, k in periods.items():
+    sched = lambda cnt, k=k, peak=peaks[name]: jnp.asarray(
+        [_np_lr((i + 1) * k, peak, 8, 64, 0.1) for i in range(64)])[cnt]
+    refs[name] = optax.chain(
+        optax.clip_by_global_norm(clip),
+        optax.add_decayed_weights(wd, [flat_mask[i] for i in idx[name]]),
+        optax.sgd(sched, momentum=momentum, nesterov=True))
+  params, state = params0, opt.init(params0)
+  updates_seen = {name: 0 for name in periods}
+  for n in range(1, 33):
+    new_params, state = step(params, state, grads[n - 1])
+    old, new = jax.tree.leaves(params), jax.tree.leaves(new_params)
+    for name, k in periods.items():
+      deltas = [np.asarray(new[i]) - np.asarray(old[i]) for i in idx[name]]
+      if n % k:
+        assert all(np.all(d == 0) for d in deltas), (name, n)
+        continue
+      mean_g = [jnp.asarray(np.mean([jax.tree.leaves(grads[j])[i] for j in range(n - k, n)],
+                                    axis=0)) for i in idx[name]]
+      assert float(optax.global_norm(mean_g)) > 1.5 * clip, (name, n)  # the clip acts
+      p_old = [jnp.asarray(old[i]) for i in idx[name]]
+      if name not in ref_states:
+        ref_states[name] = refs[name].init(p_old)
+      expected, ref_states[name] = refs[name].update(mean_g, ref_states[name], p_old)
+      updates_seen[name] += 1
+      for d, e, i in zip(deltas, expected, idx[name]):
+        np.testing.assert_allclose(d, np.asarray(e), rtol=2e-4, atol=2e-7,
+                                   err_msg=f"{name} leaf {i} at step {n}")
+    params = new_params
+  assert updates_seen == {"default": 32, "fast": 32, "mid": 8, "slow": 2}, updates_seen
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -1,6 +1,8 @@
 """Cache and grain pipelines on a tiny real Flickr8k + FACC tree (with the corpus' quirks)."""
 
+import logging
 import os
+import shutil
 
 import grain
 import numpy as np
@@ -145,7 +147,8 @@ def test_second_build_does_no_work_and_settings_key_the_cache(handle, tree):
   key = cache_lib.CacheSettings.from_config(c).config_name()
   for section, name, value in [("model", "image_size", 40), ("data", "crop_margin", 0),
                                ("data", "hop_length", 80), ("data", "fmax", 7000.0),
-                               ("data", "n_fft", 512), ("data", "sample_rate", 8000)]:
+                               ("data", "n_fft", 512), ("data", "sample_rate", 8000),
+                               ("data", "log_mel_top_db", 60.0)]:
     c2 = make_config(info["root"], "x", **{f"{section}__{name}": value})
     assert cache_lib.CacheSettings.from_config(c2).config_name() != key, name
   c3 = make_config(info["root"], "x", model__max_frames=7, train__batch_size=2)
@@ -166,6 +169,136 @@ def test_tokenizer_is_fitted_on_train_captions_only(handle):
   train_words = {w for ex in handle.index.splits["train"].examples for c in ex.captions
                  for w in tokenizer_lib.split_words(c)}
   assert set(tok.words) == train_words  # vocab_size 200 holds them all
+
+
+def test_vocab_size_keys_the_tokenizer(handle, tree):
+  base, info = tree
+  small = pipeline.prepare(make_config(info["root"], os.path.join(base, "cache"),
+                                       model__vocab_size=10))
+  assert small.cache.report["built"] is False  # same records, another tokenizer
+  assert small.cache.tokenizer_path != handle.cache.tokenizer_path
+  assert small.tokenizer.vocab_size == 10 and handle.tokenizer.vocab_size > 10
+  assert small.tokenizer.words == handle.tokenizer.words[:6]  # the 6 most frequent
+  again = pipeline.prepare(make_config(info["root"], os.path.join(base, "cache")))
+  assert again.tokenizer == handle.tokenizer
+
+
+# ----------------------------------------------------------------------------- media changes
+
+
+def _copy_corpus(tree, tmp_path):
+  """A private copy of the module's corpus (copytree keeps mtimes) and an empty cache."""
+  _, info = tree
+  root = os.path.join(tmp_path, "root")
+  shutil.copytree(info["root"], root)
+  return root, os.path.join(tmp_path, "cache")
+
+
+def _example(h, split, i):
+  """(record, index example) of image i of a split."""
+  return h.source(split)[i], h.index.splits[split].examples[i]
+
+
+def _first_mel(record):
+  return record["mel"][:int(record["mel_lengths"][0])]
+
+
+def _rewrite(path, data):
+  """Rewrites a file in place with `data` and moves its mtime 2 s on (coarse clocks)."""
+  st = os.stat(path)
+  with open(path, "wb") as f:
+    f.write(data)
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+
+
+def _read(path):
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _new_file(tmp_path, name, write, seed):
+  """Bytes of a fresh fixture file (another random tone or picture)."""
+  path = os.path.join(tmp_path, name)
+  write(path, np.random.default_rng(seed))
+  return _read(path)
+
+
+def test_wav_replaced_in_place_rebuilds_the_cache_and_logs_it(tree, tmp_path, caplog):
+  root, cache = _copy_corpus(tree, tmp_path)
+  c = make_config(root, cache)
+  h0 = pipeline.prepare(c)
+  assert h0.cache.report["built"] is True
+  r0, ex = _example(h0, "dev", 1)
+  wav = ex.wav_paths[0]
+  _rewrite(wav, _new_file(tmp_path, "new.wav", data_fixtures._write_wav, 123))  # pylint: disable=protected-access
+  caplog.set_level(logging.INFO)
+  h1 = pipeline.prepare(c)
+  assert h1.cache.report["built"] is True
+  assert h1.cache.data_dir != h0.cache.data_dir
+  r1, _ = _example(h1, "dev", 1)
+  new_mel = features.audio_features(wav, features.AudioSettings(n_mels=MELS))
+  assert not np.array_equal(new_mel, _first_mel(r0))
+  np.testing.assert_array_equal(_first_mel(r1), new_mel)
+  # The log names the file (relative to the root), the count and the stale cache.
+  rel = os.path.relpath(wav, root)
+  rebuilt = [r.getMessage() for r in caplog.records if "Rebuilding" in r.getMessage()]
+  n = h1.cache.report["media_files"]
+  assert len(rebuilt) == 1 and f"1 of {n} media files changed (stat): {rel}" in rebuilt[0]
+  assert h0.cache.data_dir in rebuilt[0]
+  # The record of the last prepare, read by the next one.
+  record = cache_lib.read_stamps_record(h1.cache.report["stamps_record"])
+  st = os.stat(wav)
+  assert record["corpus_dir"] == h1.cache.data_dir and record["verify"] == "stat"
+  assert record["stamps"][rel] == [st.st_size, st.st_mtime_ns] and len(record["stamps"]) == n
+  assert pipeline.prepare(c).cache.report["built"] is False
+
+
+def test_jpeg_replaced_in_place_rebuilds_the_cache(tree, tmp_path):
+  root, cache = _copy_corpus(tree, tmp_path)
+  c = make_config(root, cache)
+  h0 = pipeline.prepare(c)
+  jpg = h0.index.splits["train"].examples[2].image_path
+  _rewrite(jpg, _new_file(tmp_path, "new.jpg", data_fixtures._write_jpeg, 7))  # pylint: disable=protected-access
+  h1 = pipeline.prepare(c)
+  assert h1.cache.report["built"] is True
+  r0, r1 = h0.source("train")[2], h1.source("train")[2]
+  assert not np.array_equal(r1["image"], r0["image"])
+  np.testing.assert_array_equal(r1["image"], features.load_image(jpg, IMAGE + MARGIN))
+
+
+def test_stat_verify_rebuilds_on_a_new_mtime_alone(tree, tmp_path):
+  root, cache = _copy_corpus(tree, tmp_path)
+  c = make_config(root, cache)
+  h0 = pipeline.prepare(c)
+  wav = h0.index.splits["train"].examples[5].wav_paths[1]
+  _rewrite(wav, _read(wav))  # same bytes
+  assert pipeline.prepare(c).cache.report["built"] is True
+
+
+def test_hash_verify_sees_content_not_mtime(tree, tmp_path):
+  root, cache = _copy_corpus(tree, tmp_path)
+  c = make_config(root, cache, data__cache_verify="hash")
+  h0 = pipeline.prepare(c)
+  assert h0.cache.report["built"] is True
+  wav = h0.index.splits["test"].examples[0].wav_paths[2]
+  _rewrite(wav, _read(wav))  # same bytes, new mtime: reused
+  assert pipeline.prepare(c).cache.report["built"] is False
+  data = bytearray(_read(wav))
+  data[-2:] = bytes([data[-2] ^ 0x55, data[-1] ^ 0x55])  # the last sample; same size
+  _rewrite(wav, bytes(data))
+  h1 = pipeline.prepare(c)
+  assert h1.cache.report["built"] is True
+  np.testing.assert_array_equal(
+      h1.source("test")[0]["mel"], np.concatenate(
+          [features.audio_features(w, features.AudioSettings(n_mels=MELS))
+           for w in h1.index.splits["test"].examples[0].wav_paths]))
+
+
+def test_unknown_cache_verify_is_an_error(tmp_path):
+  c = make_config(os.path.join(tmp_path, "root"), os.path.join(tmp_path, "cache"),
+                  data__cache_verify="sha256")
+  with pytest.raises(ValueError, match=r"cache_verify must be one of \('stat', 'hash'\)"):
+    pipeline.prepare(c)
 
 
 # ----------------------------------------------------------------------------- training

@@ -11,13 +11,27 @@ and `image_index` is stored in the record anyway):
   image_id     string                  file stem of the image
 
 Layout under `data.cache_dir`:
-  <corpus>-<fingerprint>/                       one folder per corpus (root + index content)
+  <corpus>-<fingerprint>/                       one folder per corpus state (see "Key")
     tokenizer_vocab<V>.json                     fitted on the corpus' train captions only
     nlmm_flickr8k/<config>/1.0.0/*.array_record  the TFDS dataset
   index_reports/<corpus>-<hash>.json            what load_index counted and dropped
-The TFDS config name is keyed by the preprocessing settings (stored image size, sample
-rate, n_fft, hop, n_mels, fmax, log floor): changing any of them builds a new dataset next
-to the old one; the same settings reuse it without decoding anything.
+  media_stamps/<corpus>-<hash>.json             the stamps of the root's last prepare
+
+Key. A cached dataset is reused only when all of these are unchanged:
+  - the preprocessing settings (stored image size, sample rate, n_fft, hop, n_mels, fmax,
+    log floor): they name the TFDS config, so other settings build a new dataset next to
+    the old one in the same corpus folder;
+  - the index (`index_fingerprint`): root, image ids, paths, captions, WAV paths;
+  - a stamp of every JPEG and WAV the index names (`media_stamps`): with
+    `data.cache_verify="stat"` (default) its size and mtime_ns (one os.stat per file), with
+    "hash" the sha256 of its bytes (reads the whole corpus at every prepare). A file
+    rewritten in place under the same name thus gets a new corpus folder and a rebuild.
+    "stat" also rebuilds after a copy or re-unpack that only renews mtimes; "hash" does
+    not, and it sees content changes that kept size and mtime (e.g. `cp -p`, `rsync -t`).
+The index and the stamps name the corpus folder. `media_stamps/` keeps, per root, the
+stamps of its last prepare (relative paths, one file per line), so that a rebuild logs
+which files changed since then; folders of older corpus states are left in place (they
+are reused if the files come back; delete them to free the space).
 
 Standalone build with TFDS's own tooling (the manual dir is a Flickr8k + FACC root; the
 builder then indexes it with `flickr8k.load_index` and the default settings):
@@ -37,6 +51,7 @@ import os
 import time
 from typing import Any, Iterator, Optional
 
+from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
@@ -48,6 +63,9 @@ from nlmm_jax.data import tokenizer as tokenizer_lib
 BUILDER_VERSION = "1.0.0"
 _BYTES = tfds.features.Encoding.BYTES
 AUTO_IMAGES_PER_WORKER = 100       # data.build_workers=-1: at most one worker per 100 images
+VERIFY_MODES = ("stat", "hash")    # data.cache_verify
+STAMPS_DIR = "media_stamps"        # per root: the stamps of its last prepare
+LOGGED_PATHS = 5                   # changed files named in the rebuild log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +110,52 @@ class CacheConfig(tfds.core.BuilderConfig):
     self.settings = settings
 
 
-def index_fingerprint(index: flickr8k.Flickr8kIndex) -> str:
-  """Hash of what the index selected (ids, paths, captions, recordings) per split."""
+def check_verify(verify: str) -> str:
+  """`data.cache_verify`, checked."""
+  if verify not in VERIFY_MODES:
+    raise ValueError(f"data.cache_verify must be one of {VERIFY_MODES} (\"stat\": size + "
+                     f"mtime of each media file; \"hash\": sha256 of its bytes), got "
+                     f"{verify!r}")
+  return verify
+
+
+def media_paths(index: flickr8k.Flickr8kIndex) -> list[str]:
+  """Every JPEG and WAV the index names, sorted."""
+  paths = set()
+  for split in index.splits.values():
+    for ex in split.examples:
+      paths.add(ex.image_path)
+      paths.update(w for w in ex.wav_paths if w is not None)
+  return sorted(paths)
+
+
+def file_stamp(path: str, verify: str = "stat"):
+  """"stat": [size, mtime_ns]; "hash": the sha256 hex digest of the file's bytes."""
+  if check_verify(verify) == "stat":
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def media_stamps(index: flickr8k.Flickr8kIndex, verify: str = "stat",
+                 num_threads: Optional[int] = None) -> dict:
+  """{path relative to the root: file_stamp} for every media file of the index."""
+  check_verify(verify)
+  paths = media_paths(index)
+  num_threads = num_threads or min(32, 4 * (os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    stamps = list(pool.map(lambda p: file_stamp(p, verify), paths))
+  root = os.path.abspath(index.root)
+  return {os.path.relpath(p, root): s for p, s in zip(paths, stamps)}
+
+
+def index_fingerprint(index: flickr8k.Flickr8kIndex, stamps: Optional[dict] = None) -> str:
+  """Hash of what the index selected (ids, paths, captions, recordings) per split, and of
+  the media files' stamps (`media_stamps`) when given."""
   h = hashlib.sha256()
   h.update(f"{os.path.abspath(index.root)}|audio={index.has_audio}".encode())
   for name in sorted(index.splits):
@@ -101,19 +163,104 @@ def index_fingerprint(index: flickr8k.Flickr8kIndex) -> str:
     for ex in index.splits[name].examples:
       h.update(json.dumps([ex.image_id, ex.image_path, list(ex.captions),
                            list(ex.wav_paths)]).encode())
+  if stamps is not None:
+    h.update(b"\n#stamps")
+    for path in sorted(stamps):
+      h.update(json.dumps([path, stamps[path]]).encode())
   return h.hexdigest()
 
 
-def corpus_dir(cache_dir: str, index: flickr8k.Flickr8kIndex) -> str:
+def corpus_dir(cache_dir: str, index: flickr8k.Flickr8kIndex,
+               stamps: Optional[dict] = None) -> str:
+  """The folder of the corpus state (index + media stamps) under `cache_dir`."""
   name = os.path.basename(os.path.abspath(index.root).rstrip("/")) or "corpus"
-  return os.path.join(os.path.abspath(cache_dir), f"{name}-{index_fingerprint(index)[:12]}")
+  return os.path.join(os.path.abspath(cache_dir),
+                      f"{name}-{index_fingerprint(index, stamps)[:12]}")
 
 
-def index_report_path(cache_dir: str, root: str) -> str:
+def _per_root_path(cache_dir: str, root: str, folder: str) -> str:
   root = os.path.abspath(root)
   digest = hashlib.sha256(root.encode()).hexdigest()[:8]
   name = os.path.basename(root.rstrip("/")) or "corpus"
-  return os.path.join(os.path.abspath(cache_dir), "index_reports", f"{name}-{digest}.json")
+  return os.path.join(os.path.abspath(cache_dir), folder, f"{name}-{digest}.json")
+
+
+def index_report_path(cache_dir: str, root: str) -> str:
+  return _per_root_path(cache_dir, root, "index_reports")
+
+
+def stamps_record_path(cache_dir: str, root: str) -> str:
+  return _per_root_path(cache_dir, root, STAMPS_DIR)
+
+
+# ----------------------------------------------------------------------------- stamps record
+
+
+def stamps_record(index: flickr8k.Flickr8kIndex, verify: str, data_dir: str,
+                  stamps: dict) -> dict:
+  """What `media_stamps/<corpus>-<hash>.json` holds for the prepare of `index`."""
+  return dict(root=os.path.abspath(index.root), has_audio=bool(index.has_audio),
+              verify=verify, corpus_dir=data_dir, stamps=stamps)
+
+
+def write_stamps_record(path: str, record: dict) -> None:
+  """Writes the record as JSON with one file per line (atomic: several processes may)."""
+  head = {k: v for k, v in record.items() if k != "stamps"}
+  lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
+  files = [f"  {json.dumps(p)}: {json.dumps(s)}" for p, s in sorted(record["stamps"].items())]
+  text = "{\n" + "\n".join(lines) + '\n "stamps": {\n' + ",\n".join(files) + "\n }\n}\n"
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def read_stamps_record(path: str) -> Optional[dict]:
+  """The record at `path`, or None (absent or unreadable: then there is nothing to diff)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return record if isinstance(record, dict) and isinstance(record.get("stamps"), dict) else None
+
+
+def diff_stamps(old: dict, new: dict) -> dict:
+  """{"changed", "added", "removed"}: sorted paths (keys of the two stamp dicts)."""
+  return dict(changed=sorted(p for p in new.keys() & old.keys() if new[p] != old[p]),
+              added=sorted(new.keys() - old.keys()),
+              removed=sorted(old.keys() - new.keys()))
+
+
+def _some(paths: list, n: int = LOGGED_PATHS) -> str:
+  more = f", ... (+{len(paths) - n} more)" if len(paths) > n else ""
+  return ", ".join(paths[:n]) + more
+
+
+def describe_rebuild(previous: Optional[dict], current: dict) -> tuple[Optional[str], bool]:
+  """(why the corpus folder differs from that of the root's last prepare, whether media
+  files changed in place); (None, False) when it is the same folder or there is no record."""
+  if previous is None or previous.get("corpus_dir") == current["corpus_dir"]:
+    return None, False
+  if previous.get("verify") != current["verify"]:
+    return (f"data.cache_verify changed from {previous.get('verify')!r} to "
+            f"{current['verify']!r} since the last prepare (stamps of another kind)"), False
+  d = diff_stamps(previous["stamps"], current["stamps"])
+  parts = []
+  if d["changed"]:
+    parts.append(f"{len(d['changed'])} of {len(current['stamps'])} media files changed "
+                 f"({current['verify']}): {_some(d['changed'])}")
+  if previous.get("has_audio") != current["has_audio"]:
+    parts.append("the index " + ("now has" if current["has_audio"] else "no longer has")
+                 + " spoken captions (data.use_audio or flickr_audio/ changed)")
+  elif d["added"] or d["removed"]:
+    parts.append(f"the index names {len(d['added'])} media files it did not and no longer "
+                 f"names {len(d['removed'])} ({_some(d['added'] + d['removed'])})")
+  if not parts:
+    parts.append("no media file changed; the index did (captions, or which images and "
+                 "recordings it selected)")
+  return "; ".join(parts), bool(d["changed"])
 
 
 # ----------------------------------------------------------------------------- records
@@ -291,10 +438,17 @@ def _dir_size(path: str) -> tuple[int, int]:
 
 def build_cache(index: flickr8k.Flickr8kIndex, config) -> CacheHandle:
   """Builds (or reuses) the cache of `index` at the settings of `config`."""
+  verify = check_verify(config.data.get("cache_verify", "stat"))
   settings = CacheSettings.from_config(config)
   if settings.use_audio and not index.has_audio:
     settings = dataclasses.replace(settings, use_audio=False)
-  data_dir = corpus_dir(config.data.cache_dir, index)
+  t_stamps = time.perf_counter()
+  stamps = media_stamps(index, verify)
+  t_stamps = time.perf_counter() - t_stamps
+  data_dir = corpus_dir(config.data.cache_dir, index, stamps)
+  record_path = stamps_record_path(config.data.cache_dir, index.root)
+  previous = read_stamps_record(record_path)
+  record = stamps_record(index, verify, data_dir, stamps)
   os.makedirs(data_dir, exist_ok=True)
 
   workers = int(config.data.build_workers)
@@ -314,6 +468,16 @@ def build_cache(index: flickr8k.Flickr8kIndex, config) -> CacheHandle:
   already = builder.is_prepared()
   t0 = time.perf_counter()
   if not already:
+    why, files_changed = describe_rebuild(previous, record)
+    if why:
+      old_dir = previous["corpus_dir"]
+      kept = (f" The previous cache {old_dir} is kept: delete it if it is not needed any "
+              "more." if os.path.isdir(old_dir) else "")
+      (logging.warning if files_changed else logging.info)(
+          "Rebuilding the feature cache of %s in %s: %s.%s", index.root, data_dir, why, kept)
+    else:
+      logging.info("Building the feature cache of %s in %s (config %s).", index.root,
+                   data_dir, builder.builder_config.name)
     try:
       with _one_blas_thread():
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -330,10 +494,13 @@ def build_cache(index: flickr8k.Flickr8kIndex, config) -> CacheHandle:
   dataset_dir = os.fspath(builder.data_path)
 
   vocab = int(config.model.vocab_size)
-  tok_path = os.path.join(data_dir, f"tokenizer_vocab{vocab}.json")
-  if os.path.exists(tok_path):
-    tok = tokenizer_lib.Tokenizer.load(tok_path)
-  else:
+  tok_path = os.path.join(data_dir, f"tokenizer_vocab{vocab}.json")  # keyed by vocab_size
+  tok = tokenizer_lib.Tokenizer.load(tok_path) if os.path.exists(tok_path) else None
+  if tok is not None and tok.vocab_size > vocab:
+    logging.warning("%s holds %d ids, more than model.vocab_size=%d: refitting it.",
+                    tok_path, tok.vocab_size, vocab)
+    tok = None
+  if tok is None:
     train = index.splits.get("train")
     if train is None or not train.examples:
       raise ValueError(f"{index.root}: no train split to fit the tokenizer on")
@@ -352,10 +519,13 @@ def build_cache(index: flickr8k.Flickr8kIndex, config) -> CacheHandle:
   if stored != counts:
     raise RuntimeError(f"cache {dataset_dir} holds {stored} images but the index has "
                        f"{counts}; delete the folder to rebuild it")
+  if previous != record:  # unchanged records are not rewritten
+    write_stamps_record(record_path, record)
   size, files = _dir_size(dataset_dir)
   report = dict(built=not already, seconds=round(seconds, 3), bytes=size, files=files,
                 dataset_dir=dataset_dir, workers=workers if not already else 0,
-                images=counts, clips=clips)
+                images=counts, clips=clips, verify=verify, media_files=len(stamps),
+                stamp_seconds=round(t_stamps, 3), stamps_record=record_path)
   return CacheHandle(
       dataset_dir=dataset_dir, data_dir=data_dir, config_name=builder.builder_config.name,
       settings=settings, tokenizer=tok, tokenizer_path=tok_path, counts=counts,

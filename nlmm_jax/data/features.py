@@ -39,24 +39,40 @@ class AudioSettings:
 # ----------------------------------------------------------------------------- images
 
 
+def _resize_centre_crop(im, stored_size: int) -> np.ndarray:
+  """PIL image -> RGB, shorter side resized to `stored_size`, centre crop, uint8 [S, S, 3]."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  im = im.convert("RGB")
+  w, h = im.size
+  scale = stored_size / min(w, h)
+  nw, nh = max(stored_size, round(w * scale)), max(stored_size, round(h * scale))
+  im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+  left, top = (nw - stored_size) // 2, (nh - stored_size) // 2
+  out = np.asarray(im.crop((left, top, left + stored_size, top + stored_size)), np.uint8)
+  assert out.shape == (stored_size, stored_size, 3), out.shape
+  return out
+
+
 def load_image(path: str, stored_size: int) -> np.ndarray:
   """RGB, shorter side resized to `stored_size`, centre crop -> uint8 [S, S, 3]."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as im:
-      im = im.convert("RGB")
       im.load()
-      w, h = im.size
-      scale = stored_size / min(w, h)
-      nw, nh = max(stored_size, round(w * scale)), max(stored_size, round(h * scale))
-      im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-      left, top = (nw - stored_size) // 2, (nh - stored_size) // 2
-      im = im.crop((left, top, left + stored_size, top + stored_size))
-      out = np.asarray(im, np.uint8)
+      return _resize_centre_crop(im, stored_size)
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
     raise FeatureError(f"cannot decode image {path!r}: {type(e).__name__}: {e}") from e
-  assert out.shape == (stored_size, stored_size, 3), out.shape
-  return out
+
+
+def image_from_array(image: np.ndarray, stored_size: int) -> np.ndarray:
+  """uint8 [H, W, 3] (or [H, W] grey) -> uint8 [S, S, 3], exactly as `load_image` would."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+      image.ndim == 3 and image.shape[-1] not in (3, 4)):
+    raise FeatureError(f"an image array must be uint8 [H, W, 3] (or [H, W], [H, W, 4]); "
+                       f"got {image.dtype} {image.shape}")
+  return _resize_centre_crop(Image.fromarray(image), stored_size)
 
 
 def normalize_image(image_u8: np.ndarray) -> np.ndarray:

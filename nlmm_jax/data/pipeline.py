@@ -59,6 +59,7 @@ def _corpus_present(root: str, use_audio: bool) -> bool:
 def prepare(config) -> DataHandle:
   """Generates the demo corpus if needed, indexes the corpus, builds or reuses the cache."""
   d = config.data
+  cache_lib.check_verify(d.get("cache_verify", "stat"))  # before the slow steps
   root = os.path.abspath(os.path.expanduser(d.root))
   if d.name == "demo":
     from nlmm_jax.data import demo  # pylint: disable=g-import-not-at-top

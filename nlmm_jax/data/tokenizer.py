@@ -91,20 +91,26 @@ class Tokenizer:
         out.append(self.words[i - len(SPECIALS)])
     return " ".join(out)
 
+  def to_json(self) -> dict:
+    return {"specials": list(SPECIALS), "words": list(self.words)}
+
+  @classmethod
+  def from_json(cls, d: dict, where: str = "tokenizer") -> "Tokenizer":
+    if not isinstance(d, dict) or tuple(d.get("specials", ())) != SPECIALS:
+      raise ValueError(f"{where}: special tokens {d.get('specials') if isinstance(d, dict) else d}"
+                       f" differ from {SPECIALS}")
+    return cls(d["words"])
+
   def save(self, path: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"  # several processes may save the same file
     with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"specials": list(SPECIALS), "words": list(self.words)}, f, ensure_ascii=False,
-                indent=0)
+      json.dump(self.to_json(), f, ensure_ascii=False, indent=0)
     os.replace(tmp, path)
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
     with open(path, encoding="utf-8") as f:
-      d = json.load(f)
-    if tuple(d.get("specials", ())) != SPECIALS:
-      raise ValueError(f"{path}: special tokens {d.get('specials')} differ from {SPECIALS}")
-    return cls(d["words"])
+      return cls.from_json(json.load(f), path)
 
   def __eq__(self, other) -> bool:
     return isinstance(other, Tokenizer) and self.words == other.words

@@ -5,6 +5,13 @@ own frequency. The frequencies live entirely in the optimizer (each level's para
 under a module named `cms_<level>`, which `optim/levels.py` routes to that level's
 `update_every`); the forward pass below knows nothing about them.
 
+What a frequency means HERE differs from the paper. Eq. 71 updates level l every C^(l)
+TOKENS of the stream the model reads in context (a chunk of the sequence), with the
+gradients of the tokens in that chunk. This project counts OUTER OPTIMIZER STEPS: a
+level with `update_every = k` changes only at steps n with n % k == 0, by one step of its
+optimizer on the MEAN of the k accumulated parameter gradients (one step on a k times
+larger batch); within a forward pass every level is fixed.
+
 Both structures return the *increment* that the enclosing block adds to its residual
 stream, so that `x + CMS(x)` is the block update in either case:
   parallel:  CMS(x) = sum_k f^(k)(x)                            (the seed's structure)
@@ -39,7 +46,11 @@ def level_order(levels_cfg) -> tuple[str, ...]:
 
 
 class CMSLevel(nn.Module):
-  """One CMS level: a residual-free MLP d -> mult*d -> d (GELU). x [..., d] -> [..., d]."""
+  """One CMS level: an MLP d -> mult*d -> d (GELU), x [..., d] -> [..., d].
+
+  It returns f(x) only; the residual x + f(x) is added by the caller (`CMS` for the chain,
+  the NL block for the CMS output).
+  """
   mult: int = 4
   dropout: float = 0.0
   out_init_scale: float = 1.0

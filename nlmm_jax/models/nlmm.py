@@ -89,8 +89,13 @@ class NLMM(nn.Module):
     return l2_normalize(self.projection[modality](readout))   # [B, E]
 
   def scale(self) -> Array:
-    """logit_scale = min(exp(log_logit_scale), max_logit_scale), fp32 scalar."""
-    return jnp.minimum(jnp.exp(self.log_logit_scale), self.max_logit_scale)
+    """logit_scale = exp(log_logit_scale), fp32 scalar.
+
+    Not clipped here: a clip inside the forward pass has zero gradient above the bound,
+    so an overshoot could never come back. The bound is applied to the parameter after
+    each update instead (`clip_logit_scale`, as CLIP does).
+    """
+    return jnp.exp(self.log_logit_scale)
 
   def __call__(self, batch: Mapping[str, Array], train: bool = False
                ) -> tuple[dict[str, Array], Array]:
@@ -103,11 +108,23 @@ class NLMM(nn.Module):
     return embeddings, self.scale()
 
 
+def clip_logit_scale(params: Mapping[str, Any], max_logit_scale: float) -> Mapping[str, Any]:
+  """params with log_logit_scale clipped to <= log(max_logit_scale) (after an update)."""
+  params = dict(params)
+  params["log_logit_scale"] = jnp.minimum(params["log_logit_scale"],
+                                          math.log(max_logit_scale))
+  return params
+
+
 def build_model(model_cfg, loss_cfg=None) -> NLMM:
   """NLMM from `config.model` (and `config.loss`; defaults of config_lib when None)."""
   if loss_cfg is None:
     from nlmm_jax import config_lib
     loss_cfg = config_lib.loss_config()
+  if 1.0 / float(loss_cfg.temperature_init) > float(loss_cfg.max_logit_scale):
+    raise ValueError(f"loss.temperature_init={loss_cfg.temperature_init} starts the logit "
+                     f"scale above loss.max_logit_scale={loss_cfg.max_logit_scale}; raise "
+                     "temperature_init to at least 1 / max_logit_scale")
   if not isinstance(model_cfg, ml_collections.FrozenConfigDict):
     model_cfg = ml_collections.FrozenConfigDict(model_cfg)
   return NLMM(config=model_cfg, loss_kind=str(loss_cfg.kind),

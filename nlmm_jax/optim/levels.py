@@ -4,15 +4,22 @@ Every parameter gets a label from its path: `<level>` when a path component equa
 `cms_<level>` (the Continuum Memory System's level modules), `default` otherwise.
 `optax.multi_transform` sends each label to its own chain
 
-  clip_by_global_norm(clip_norm) -> base optimizer (schedule, weight-decay mask)
-    -> optax.MultiSteps(every_k_schedule=update_every)
+  optax.MultiSteps(every_k_schedule=update_every, inner =
+      clip_by_global_norm(clip_norm) -> base optimizer (schedule, weight-decay mask))
 
-built from the config alone: the `default` label uses config.optim (optimizer, lr,
+MultiSteps wraps the whole chain: it accumulates the RAW gradients of the window, and at
+the window's end their mean is clipped (by the global norm of that label's parameters
+only), then the base optimizer (weight decay, momentum, moments) steps once.
+
+The chains are built from the config alone: the `default` label uses config.optim (optimizer, lr,
 update_every 1); a level uses its own `optimizer`, `lr` and `update_every` from
 config.model.cms.levels, and the shared hyper-parameters of config.optim.
 
-Update frequency (paper: the CMS levels learn at their own time scales). Counting outer
-steps n = 1, 2, ..., a level with period k updates its parameters exactly at the steps
+Update frequency (paper: the CMS levels learn at their own time scales; Eq. 71 counts
+TOKENS in context, C^(l) tokens between a level's updates. Here the unit is OUTER
+OPTIMIZER STEPS, not tokens, and the update uses the mean gradient of the steps in
+between). Counting outer steps n = 1, 2, ..., a level with period k updates its
+parameters exactly at the steps
 n with n % k == 0, and leaves them untouched in between. Between its updates,
 MultiSteps accumulates the gradients in its state (also across a checkpoint), and the
 level's optimizer sees their MEAN over the k steps. Why the mean: it is the gradient of
