@@ -6,13 +6,12 @@ sharded over the `fsdp` axis; the contrastive loss is computed on the global arr
 negatives come from the whole global batch and XLA inserts the collectives.
 """
 
-import dataclasses
 import functools
 import json
 import os
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from absl import logging
 import flax

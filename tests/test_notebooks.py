@@ -4,7 +4,6 @@ import os
 
 import nbformat
 from nbclient import NotebookClient
-import pytest
 
 import tiny_run  # pylint: disable=g-bad-import-order
 
@@ -40,3 +39,15 @@ def test_quickstart_trains_shows_and_evaluates(tiny_corpus, tmp_path, monkeypatc
   images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert images, "the progress plot was not displayed"
   assert "dev " in text and "test " in text
+
+
+def test_retrieval_demo_queries_text_speech_and_ttt(tiny_trained, tmp_path, monkeypatch):
+  workdir, _ = tiny_trained
+  nb = _execute("retrieval_demo.ipynb", tmp_path, {
+      "NLMM_WORKDIR": str(workdir), "NLMM_QUERY": "a small red circle at the top",
+      "NLMM_TTT_STEPS": "1"}, monkeypatch)
+  text = _outputs(nb)
+  assert "typed + TTT" in text and "spoken + TTT" in text and "cosine(typed, spoken)" in text
+  assert (tmp_path / "text_query.png").exists() and (tmp_path / "spoken_query.png").exists()
+  images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+  assert len(images) == 2, "both grids are displayed"

@@ -20,7 +20,7 @@ iterator state (`get_state()` / `set_state()`, or orbax with
 
 import dataclasses
 import os
-from typing import Iterator, Optional
+from typing import Iterator
 
 from absl import flags
 from absl import logging
