@@ -152,8 +152,8 @@ def test_show_results_prints_both_recall_sums(tmp_path):
   with open(tmp_path / "metrics.jsonl", "w") as f:
     f.write(json.dumps({"step": 5, "split": "dev", **m}) + "\n")
   script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "show_results.py")
-  out = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True,
-                       check=True).stdout.splitlines()
+  out = subprocess.run([sys.executable, script, str(tmp_path), "--no-plot"], cwd=tmp_path,
+                       capture_output=True, text=True, check=True).stdout.splitlines()
   header, row = out[0].split(), out[1].split()
   assert header[-2:] == ["rsum_it", "rsum_all"]
   assert float(row[-2]) == pytest.approx(m["rsum_it"], abs=0.05)
