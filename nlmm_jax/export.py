@@ -10,29 +10,27 @@
   a = m.embed_audio(mels, mels_mask)                    # float32 [B, F, n_mels], bool [B, F]
 
 Layout of the output folder:
-  manifest.json          format version, files, input signatures, length buckets
+  manifest.json          format version, files, input signatures
   params.npz             the parameters as a flat list (arr_000000, ...), passed to every
                          function as its first argument (stored once for all functions)
-  text_L<L>.jaxexport    embed text of exactly L tokens, symbolic batch size "b"
-  image.jaxexport        embed images (size fixed by the model), symbolic batch size "b"
-  audio_F<F>.jaxexport   embed F log-mel frames, symbolic batch size "b"
+  text.jaxexport         embed text: ids int32 [b, L], mask bool [b, L]
+  image.jaxexport        embed images [b, S, S, 3] (S fixed by the model)
+  audio.jaxexport        embed log-mels [b, F, n_mels], mask bool [b, F]
   tokenizer.json         the caption vocabulary (Tokenizer.to_json) and its rules
   settings.json          preprocessing settings (image sizes, mean/std, log-mel, lengths)
   README.txt             how to call the functions (also without nlmm_jax)
 
-What is symbolic and what is not. The batch dimension is symbolic in every function. The
-sequence lengths are not: the fast-weight memory cuts a sequence of T tokens into
-n = ceil(T / C) chunks of c = ceil(T / n) tokens with Python integers (`chunk_plan`), the
-delta rule inverts a c x c triangular matrix by a recursion on c, and a chunk scan of at
-most 8 chunks is unrolled; none of these can be traced with a symbolic T (a symbolic text
-length makes the inverse recurse forever; T = C*k gets as far as the unrolled scan). So
-each length-dependent modality is exported once per length bucket (text: token counts,
-audio: log-mel frames), every bucket <= the learned positional table (model.max_text_len;
-model.max_frames frames, i.e. ceil(max_frames / audio_subsample) positions). `load` pads an
-input with masked-out positions up to the smallest bucket that holds it (the model's
-output does not depend on trailing padding: equal up to float rounding, ~1e-6) and
-rejects an input with real (mask True) positions beyond the largest bucket. The largest
-bucket is always the full length the training and `nlmm_jax.load` use.
+What is symbolic. The batch size b and the sequence lengths L and F are symbolic
+dimensions (jax.export shape polymorphism), constrained to L <= model.max_text_len and
+F <= model.max_frames (the learned positional tables). Sequence lengths are symbolic
+because the functions are traced with the memory's `recurrent` form (a `lax.scan` over
+tokens, `fast_weights.fast_weight_memory`'s oracle), whatever form the model trained
+with: the `chunked` form plans its chunks and inverts its c x c triangular matrices with
+Python integers taken from T, which a symbolic T cannot give. Both forms compute the same
+function (tested equal to 1e-5 in fp32) from the same parameters, so an exported
+embedding equals `nlmm_jax.load(...)`'s to float rounding (the export test checks 1e-5);
+the price is a sequential scan over tokens at inference. `load` passes an input longer
+than the table only if its extra positions are masked out (they are dropped).
 
 `load` imports nothing from this package besides this module (jax, numpy, json, re only),
 so the folder plus this single file is all a consumer needs.
@@ -48,7 +46,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-FORMAT = "nlmm-jax-export/1"
+FORMAT = "nlmm-jax-export/2"   # /1 (per-length buckets) is not read: re-export
 MANIFEST = "manifest.json"
 PARAMS = "params.npz"
 TOKENIZER = "tokenizer.json"
@@ -65,34 +63,6 @@ class ExportError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ export
-
-
-def default_buckets(max_len: int, multiple: int = 1) -> list[int]:
-  """max/4, max/2, max, each rounded up to a multiple of `multiple` (>= 1, deduplicated)."""
-  out = set()
-  for div in (4, 2, 1):
-    n = -(-max_len // div)
-    n = -(-n // multiple) * multiple
-    out.add(min(max(n, 1), max_len))
-  out.add(int(max_len))
-  return sorted(out)
-
-
-def _parse_buckets(text: Optional[str], max_len: int, what: str, multiple: int = 1
-                   ) -> list[int]:
-  if not text or text == "auto":
-    return default_buckets(max_len, multiple)
-  try:
-    values = sorted({int(v) for v in text.split(",") if v.strip()})
-  except ValueError:
-    raise ValueError(f"{what} must be 'auto' or comma-separated integers, got {text!r}"
-                     ) from None
-  if not values or values[0] < 1 or values[-1] > max_len:
-    raise ValueError(f"{what}: each length must be in [1, {max_len}] (the model's learned "
-                     f"positions), got {text!r}")
-  if values[-1] != max_len:
-    values.append(max_len)    # the full length always exists (training's and the API's)
-  return values
 
 
 def _flat_params(params) -> tuple[list[np.ndarray], Any]:
@@ -113,16 +83,15 @@ def _save_params(path: str, leaves: list[np.ndarray]) -> list[str]:
   return dtypes
 
 
-def export_model(model, output: str, text_lengths: Optional[str] = None,
-                 audio_frames: Optional[str] = None,
-                 platforms: Optional[Sequence[str]] = None, overwrite: bool = False) -> dict:
+def export_model(model, output: str, platforms: Optional[Sequence[str]] = None,
+                 overwrite: bool = False) -> dict:
   """Writes the export folder for `model` (an `nlmm_jax.api.Model`); returns the manifest."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from jax import export as jax_export  # pylint: disable=g-import-not-at-top
   from nlmm_jax.data import features  # pylint: disable=g-import-not-at-top
   from nlmm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from nlmm_jax.models import encoders  # pylint: disable=g-import-not-at-top
   from nlmm_jax.models import nlmm  # pylint: disable=g-import-not-at-top
 
   # The loader's copies of the preprocessing constants must be the package's.
@@ -140,56 +109,42 @@ def export_model(model, output: str, text_lengths: Optional[str] = None,
                           "to replace it)")
   cfg = model.config
   m = cfg.model
-  sub = int(m.audio_subsample)
-  text_buckets = _parse_buckets(text_lengths, int(m.max_text_len), "--text_lengths")
-  audio_buckets = _parse_buckets(audio_frames, int(m.max_frames), "--audio_frames", sub)
+  max_len, max_frames, n_mels = int(m.max_text_len), int(m.max_frames), int(m.n_mels)
+  size = int(m.image_size)
   platforms = tuple(platforms) if platforms else (jax.default_backend(),)
 
   leaves, treedef = _flat_params(model.params)
-  module = model.module
   abstract_leaves = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
+  # The same parameters in the token-by-token form (see the module docstring).
+  model_cfg = ml_collections.ConfigDict(m.to_dict())
+  model_cfg.memory.form = "recurrent"
+  module = nlmm.build_model(model_cfg, cfg.loss)
 
-  def embed_fn(modality, keys):
+  def export_one(modality, keys, shapes_dtypes):
     def fn(flat, *arrays):
       params = jax.tree.unflatten(treedef, list(flat))
       return module.apply({"params": params}, dict(zip(keys, arrays)), modality,
                           method=nlmm.NLMM.embed)
-    return jax.jit(fn)
-
-  def export_one(modality, keys, shapes_dtypes):
-    exported = jax_export.export(embed_fn(modality, keys), platforms=platforms)(
+    exported = jax_export.export(jax.jit(fn), platforms=platforms)(
         abstract_leaves, *[jax.ShapeDtypeStruct(s, d) for s, d in shapes_dtypes])
     return exported.serialize()
+
+  b, length = jax_export.symbolic_shape("b, L", constraints=[f"L <= {max_len}"])
+  blobs = {"text": export_one("text", ("text", "text_mask"),
+                              [((b, length), jnp.int32), ((b, length), jnp.bool_)])}
+  (b,) = jax_export.symbolic_shape("b")
+  blobs["image"] = export_one("image", ("image",), [((b, size, size, 3), jnp.float32)])
+  b, frames = jax_export.symbolic_shape("b, F", constraints=[f"F <= {max_frames}"])
+  blobs["audio"] = export_one("audio", ("audio", "audio_mask"),
+                              [((b, frames, n_mels), jnp.float32), ((b, frames), jnp.bool_)])
 
   tmp = f"{output}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
-    files = {"text": [], "image": [], "audio": []}
-    for length in text_buckets:
-      (b,) = jax_export.symbolic_shape("b")
-      blob = export_one("text", ("text", "text_mask"),
-                        [((b, length), jnp.int32), ((b, length), jnp.bool_)])
-      name = f"text_L{length}.jaxexport"
-      with open(os.path.join(tmp, name), "wb") as f:
+    for modality, blob in blobs.items():
+      with open(os.path.join(tmp, f"{modality}.jaxexport"), "wb") as f:
         f.write(blob)
-      files["text"].append({"length": length, "file": name})
-    (b,) = jax_export.symbolic_shape("b")
-    size = int(m.image_size)
-    blob = export_one("image", ("image",), [((b, size, size, 3), jnp.float32)])
-    with open(os.path.join(tmp, "image.jaxexport"), "wb") as f:
-      f.write(blob)
-    files["image"].append({"size": size, "file": "image.jaxexport"})
-    for frames in audio_buckets:
-      (b,) = jax_export.symbolic_shape("b")
-      blob = export_one("audio", ("audio", "audio_mask"),
-                        [((b, frames, int(m.n_mels)), jnp.float32),
-                         ((b, frames), jnp.bool_)])
-      name = f"audio_F{frames}.jaxexport"
-      with open(os.path.join(tmp, name), "wb") as f:
-        f.write(blob)
-      files["audio"].append({"frames": frames, "file": name})
-
     dtypes = _save_params(os.path.join(tmp, PARAMS), leaves)
     s = model._settings  # pylint: disable=protected-access
     settings = {
@@ -208,7 +163,7 @@ def export_model(model, output: str, text_lengths: Optional[str] = None,
         "mel_storage_dtype": "float16",
         "max_text_len": int(m.max_text_len),
         "max_frames": int(m.max_frames),
-        "audio_subsample": sub,
+        "audio_subsample": int(m.audio_subsample),
         "embed_dim": int(m.embed_dim),
     }
     tokenizer = dict(model.tokenizer.to_json())
@@ -221,13 +176,14 @@ def export_model(model, output: str, text_lengths: Optional[str] = None,
         "source": {"path": str(model.path), "step": int(model.step)},
         "embed_dim": int(m.embed_dim),
         "params": {"file": PARAMS, "count": len(leaves), "dtypes": dtypes},
-        "text": {"inputs": ["text int32 [b, L]", "text_mask bool [b, L]"],
-                 "buckets": files["text"]},
-        "image": {"inputs": [f"image float32 [b, {size}, {size}, 3]"],
-                  "buckets": files["image"]},
-        "audio": {"inputs": [f"audio float32 [b, F, {int(m.n_mels)}]",
-                             "audio_mask bool [b, F]"],
-                  "buckets": files["audio"]},
+        "text": {"file": "text.jaxexport", "max_length": max_len,
+                 "inputs": ["text int32 [b, L]", "text_mask bool [b, L]"],
+                 "symbolic": ["b >= 1", f"1 <= L <= {max_len}"]},
+        "image": {"file": "image.jaxexport", "size": size,
+                  "inputs": [f"image float32 [b, {size}, {size}, 3]"], "symbolic": ["b >= 1"]},
+        "audio": {"file": "audio.jaxexport", "max_length": max_frames,
+                  "inputs": [f"audio float32 [b, F, {n_mels}]", "audio_mask bool [b, F]"],
+                  "symbolic": ["b >= 1", f"1 <= F <= {max_frames}"]},
     }
     for name, obj in ((MANIFEST, manifest), (SETTINGS, settings), (TOKENIZER, tokenizer)):
       with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
@@ -239,45 +195,39 @@ def export_model(model, output: str, text_lengths: Optional[str] = None,
     os.replace(tmp, output)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  # Sanity: the subsampled audio lengths fit the learned table (the exporter traced them).
-  assert encoders.subsampled_length(audio_buckets[-1], sub) <= encoders.subsampled_length(
-      int(m.max_frames), sub)
   return manifest
 
 
 def _readme(manifest: dict, settings: dict) -> str:
-  text = ", ".join(str(b["length"]) for b in manifest["text"]["buckets"])
-  audio = ", ".join(str(b["frames"]) for b in manifest["audio"]["buckets"])
   s = settings
   return f"""NL-MM embedding functions exported with jax.export (jax {manifest['jax_version']},
 platforms {', '.join(manifest['platforms'])}) from {manifest['source']['path']}
-step {manifest['source']['step']}. Each returns L2-normalised float32 embeddings [b, {manifest['embed_dim']}];
-the batch size b is symbolic (any b >= 1), the sequence lengths are fixed per file.
+step {manifest['source']['step']}. Each returns L2-normalised float32 embeddings [b, {manifest['embed_dim']}].
+The batch size b and the lengths L (tokens, <= {s['max_text_len']}) and F (log-mel frames,
+<= {s['max_frames']}) are symbolic: one function per modality serves every shape.
 
 With nlmm_jax installed (or just its nlmm_jax/export.py next to your code):
   from nlmm_jax import export
   m = export.load("THIS_FOLDER")
   ids, mask = m.encode_text(["a dog runs on the grass"])
-  text_emb = m.embed_text(ids, mask)      # any length <= {s['max_text_len']}: padded to a bucket
+  text_emb = m.embed_text(ids, mask)      # int32 [b, L], bool [b, L]
   image_emb = m.embed_image(images)       # float32 [b, {s['image_size']}, {s['image_size']}, 3]
-  audio_emb = m.embed_audio(mels, mask)   # float32 [b, F, {s['n_mels']}], bool [b, F], F <= {s['max_frames']}
+  audio_emb = m.embed_audio(mels, mask)   # float32 [b, F, {s['n_mels']}], bool [b, F]
   scores = text_emb @ image_emb.T         # cosine similarities
 
 With jax + numpy only:
   import jax, numpy as np
   z = np.load("THIS_FOLDER/params.npz")
   params = [z[f"arr_{{i:06d}}"] for i in range({manifest['params']['count']})]   # a list, in this order
-  f = jax.export.deserialize(open("THIS_FOLDER/text_L{s['max_text_len']}.jaxexport", "rb").read())
-  emb = f.call(params, ids, mask)         # ids int32 [b, {s['max_text_len']}], mask bool [b, {s['max_text_len']}]
-  (image.jaxexport: f.call(params, images); audio_F<F>.jaxexport: f.call(params, mels, mask))
+  f = jax.export.deserialize(open("THIS_FOLDER/text.jaxexport", "rb").read())
+  emb = f.call(params, ids, mask)         # ids int32 [b, L], mask bool [b, L]
+  (image.jaxexport: f.call(params, images); audio.jaxexport: f.call(params, mels, mask))
 Parameters of a non-numpy dtype (manifest params.dtypes, e.g. bfloat16) are stored as
 unsigned integers of the same width: view them back with .view(jax.numpy.dtype(name)).
-
-Files: text_L<L> for L in [{text}] tokens; audio_F<F> for F in [{audio}] log-mel frames.
-Positions with mask False are padding: they do not change the embedding, so pad an input
-up to the next bucket (ids 0, mask False; mel frames 0, mask False). The lengths are fixed
-because the model's chunked fast-weight memory plans its chunks with Python integers
-from the sequence length, and bounded by the learned positional tables.
+Positions with mask False are padding: they do not change the embedding. Each distinct
+(b, L) compiles once per process (jit): pad inputs to a few lengths if that matters.
+The functions use the memory's token-by-token form (the same function as the chunked
+form the model may have trained with; see nlmm_jax/export.py for why).
 
 Preprocessing (settings.json):
   text:  lower-case, split with the regex {_TOKEN_RE!r} (tokenizer.json "pattern"), map each
@@ -310,7 +260,7 @@ class ExportedModel:
     self.settings = settings
     self.tokenizer = tokenizer
     self.params = params
-    self._functions = functions     # modality -> [(length or None, jitted call)]
+    self._functions = functions     # modality -> jitted call
     self.embed_dim = int(manifest["embed_dim"])
     self._word_ids = {w: i + 4 for i, w in enumerate(tokenizer["words"])}
     self._token_re = re.compile(tokenizer.get("pattern", _TOKEN_RE), re.UNICODE)
@@ -340,26 +290,19 @@ class ExportedModel:
   # ---- embeddings
 
   def _call(self, modality: str, arrays: list, length_axis: Optional[int]) -> np.ndarray:
-    b = arrays[0].shape[0]
-    if b == 0:
+    if arrays[0].shape[0] == 0:
       return np.zeros((0, self.embed_dim), np.float32)
-    fns = self._functions[modality]
-    if length_axis is None:
-      return np.asarray(fns[0][1](self.params, *arrays))
-    n = arrays[0].shape[1]
-    mask = arrays[-1]
-    longest = fns[-1][0]
-    if n > longest:
-      if mask[:, longest:].any():
-        raise ValueError(f"{modality} inputs have real (mask True) positions beyond "
-                         f"{longest}, the longest the model has learned positions for")
-      arrays = [a[:, :longest] for a in arrays]
-      n = longest
-    length, fn = next((l, f) for l, f in fns if l >= n)
-    if length > n:   # masked-out padding up to the bucket
-      arrays = [np.pad(a, [(0, 0), (0, length - n)] + [(0, 0)] * (a.ndim - 2))
-                for a in arrays]
-    return np.asarray(fn(self.params, *arrays))
+    if length_axis is not None:
+      longest = int(self.manifest[modality]["max_length"])
+      mask = arrays[-1]
+      if mask.shape[1] > longest:
+        if mask[:, longest:].any():
+          raise ValueError(f"{modality} inputs have real (mask True) positions beyond "
+                           f"{longest}, the longest the model has learned positions for")
+        arrays = [a[:, :longest] for a in arrays]
+      if arrays[0].shape[1] == 0:
+        raise ValueError(f"{modality} inputs need at least one position")
+    return np.asarray(self._functions[modality](self.params, *arrays))
 
   def embed_text(self, ids, mask=None) -> np.ndarray:
     """ids int [B, L], mask bool [B, L] (default ids != 0) -> [B, E] float32."""
@@ -410,7 +353,8 @@ def load(path: str) -> ExportedModel:
     raise FileNotFoundError(f"no export folder at {path}")
   manifest = _read_json(os.path.join(path, MANIFEST))
   if manifest.get("format") != FORMAT:
-    raise ExportError(f"{path}: format {manifest.get('format')!r}, this loader reads {FORMAT}")
+    raise ExportError(f"{path}: format {manifest.get('format')!r}, this loader reads {FORMAT} "
+                      "(export the checkpoint again with python -m nlmm_jax.export)")
   settings = _read_json(os.path.join(path, SETTINGS))
   tokenizer = _read_json(os.path.join(path, TOKENIZER))
   p = manifest["params"]
@@ -423,13 +367,8 @@ def load(path: str) -> ExportedModel:
       leaves.append(jax.device_put(a))
   functions = {}
   for modality in ("text", "image", "audio"):
-    fns = []
-    for bucket in manifest[modality]["buckets"]:
-      with open(os.path.join(path, bucket["file"]), "rb") as f:
-        exported = jax_export.deserialize(bytearray(f.read()))
-      fns.append((bucket.get("length", bucket.get("frames")), jax.jit(exported.call)))
-    fns.sort(key=lambda lf: -1 if lf[0] is None else lf[0])
-    functions[modality] = fns
+    with open(os.path.join(path, manifest[modality]["file"]), "rb") as f:
+      functions[modality] = jax.jit(jax_export.deserialize(bytearray(f.read())).call)
   return ExportedModel(path, manifest, settings, tokenizer, leaves, functions)
 
 
@@ -455,10 +394,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--output", required=True, help="folder to write (created)")
   parser.add_argument("--step", default="best", type=_step,
                       help="best (by dev rsum_all), latest or a step number")
-  parser.add_argument("--text_lengths", default="auto",
-                      help="token-count buckets, e.g. 8,16,32 (auto: max/4, max/2, max)")
-  parser.add_argument("--audio_frames", default="auto",
-                      help="log-mel frame buckets (auto: max/4, max/2, max)")
   parser.add_argument("--platforms", default="",
                       help="comma-separated jax platforms to lower for (default: this "
                            "machine's backend), e.g. cpu,cuda")
@@ -479,15 +414,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     model = api.load(args.workdir, step=args.step)
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
-    manifest = export_model(model, args.output, args.text_lengths, args.audio_frames,
-                            platforms, args.overwrite)
+    manifest = export_model(model, args.output, platforms, args.overwrite)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-  n = sum(len(manifest[m]["buckets"]) for m in ("text", "image", "audio"))
   print(f"exported step {manifest['source']['step']} of {args.workdir} to "
-        f"{os.path.abspath(args.output)}: {n} functions "
-        f"(text lengths {[b['length'] for b in manifest['text']['buckets']]}, "
-        f"audio frames {[b['frames'] for b in manifest['audio']['buckets']]})")
+        f"{os.path.abspath(args.output)}: text, image and audio functions (symbolic batch; "
+        f"text <= {manifest['text']['max_length']} tokens, audio <= "
+        f"{manifest['audio']['max_length']} frames)")
   return 0
 
 

@@ -32,11 +32,40 @@ def tiny_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_trained(tiny_corpus, tmp_path_factory):
-  """(workdir, config) of the tiny job trained 4 steps (checkpoints at 2 and 4), shared by
-  the tests that use a trained model (API, retrieval, export, notebooks)."""
+def tiny_job(tiny_corpus, tmp_path_factory):
+  """The tiny job trained 4 steps (checkpoints at 2 and 4), run once per session:
+  (workdir, config, test metrics, saved), `saved` a host copy of what each
+  `checkpointing.save` was handed (state, data-iterator state, config) at the moment of
+  the save, the reference the checkpoints on disk are compared with. Read-only: tests
+  that write into a trained workdir use `tiny_trained`, a copy."""
+  import json  # pylint: disable=g-import-not-at-top
+  from nlmm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from nlmm_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp("tiny_run")
+  workdir = tmp_path_factory.mktemp("tiny_job") / "run"
   config = tiny_run.tiny_config(tiny_corpus / "corpus", tiny_corpus / "cache")
-  train.train_and_evaluate(config, str(workdir))
+  saved = {}
+  save = checkpointing.save
+
+  def recording_save(manager, step, state, data_iter, cfg, *args, **kwargs):
+    saved[int(step)] = dict(state=jax.device_get(state),
+                            data=json.loads(json.dumps(data_iter.get_state())),
+                            config=json.loads(json.dumps(cfg.to_dict())))
+    return save(manager, step, state, data_iter, cfg, *args, **kwargs)
+
+  checkpointing.save = recording_save
+  try:
+    test_metrics = train.train_and_evaluate(config, str(workdir))
+  finally:
+    checkpointing.save = save
+  return workdir, config, test_metrics, saved
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_job, tmp_path_factory):
+  """(workdir, config): a copy of `tiny_job`'s workdir for the tests that use a trained
+  model (API, retrieval, export, notebooks) and may write into it."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  src, config = tiny_job[0], tiny_job[1]
+  workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+  shutil.copytree(src, workdir)
   return workdir, config

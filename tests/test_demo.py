@@ -98,6 +98,13 @@ def test_same_seed_byte_identical_in_fresh_processes(tmp_path, corpus):
   assert sum(a[k] != c[k] for k in a) > N
 
 
+def test_corpus_independent_of_core_count(tmp_path, corpus, monkeypatch):
+  """Speech shards are fixed: one process at a time gives the bytes of several."""
+  monkeypatch.setattr(os, "cpu_count", lambda: 1)
+  demo.generate(tmp_path / "one", num_images=N, seed=0, progress=False)
+  assert _hashes(tmp_path / "one") == _hashes(corpus)
+
+
 def test_regenerate_and_refuse(tmp_path):
   out = tmp_path / "d"
   out.mkdir()

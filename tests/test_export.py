@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,10 +14,10 @@ import nlmm_jax
 from nlmm_jax import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (batch size, length) pairs: both batch sizes and both lengths of each modality, each
-# pair a compilation on both sides (~3 s each on a busy 2-core machine), hence not all four.
-# Text 6 is padded by the loader to the 8-token bucket, 16 is max_text_len; audio 20 frames
-# are padded to the 24-frame bucket, 48 is max_frames.
+# (batch size, length) pairs: two batch sizes and two lengths of each modality through one
+# exported function with symbolic batch and length (each pair compiles once on each side,
+# ~3 s on a busy 2-core machine, hence not all four). 6 tokens and 20 frames are lengths
+# no export-time shape named; 16 and 48 are max_text_len and max_frames.
 TEXT_CASES = ((2, 6), (3, 16))
 AUDIO_CASES = ((2, 20), (3, 48))
 IMAGE_BATCHES = (2, 3)
@@ -61,8 +62,7 @@ LOADER = textwrap.dedent("""
 def exported(tiny_trained, tmp_path_factory):
   workdir, _ = tiny_trained
   out = tmp_path_factory.mktemp("export") / "model"
-  assert export.main([f"--workdir={workdir}", "--output", str(out), "--step", "latest",
-                      "--text_lengths=8", "--audio_frames", "24"]) == 0
+  assert export.main([f"--workdir={workdir}", "--output", str(out), "--step", "latest"]) == 0
   return out, nlmm_jax.load(str(workdir), step="latest")
 
 
@@ -102,7 +102,7 @@ def test_export_reproduces_the_model_without_project_code(exported, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   got = dict(np.load(tmp_path / "out.npz"))
   # The reference: the module on the same arrays at their own length (Model._embed jits
-  # module.apply(..., method=NLMM.embed)); the loader padded 6 -> 8 tokens, 20 -> 24 frames.
+  # module.apply(..., method=NLMM.embed)) in the form the model trained with (chunked).
   ref = lambda inputs, modality: np.asarray(model._embed(model.params, inputs, modality))
   checked = 0
   for key, value in got.items():
@@ -130,12 +130,16 @@ def test_folder_contents_and_settings(exported):
   m, d = model.config.model, model.config.data
   manifest = json.loads((folder / "manifest.json").read_text())
   settings = json.loads((folder / "settings.json").read_text())
-  # --text_lengths=8 --audio_frames=24: the maximum length is always added.
-  assert [b["length"] for b in manifest["text"]["buckets"]] == [8, m.max_text_len]
-  assert [b["frames"] for b in manifest["audio"]["buckets"]] == [24, m.max_frames]
+  assert model.config.model.memory.form == "chunked"
+  from jax import export as jax_export
   for modality in ("text", "image", "audio"):
-    for b in manifest[modality]["buckets"]:
-      assert (folder / b["file"]).stat().st_size > 0
+    f = jax_export.deserialize(bytearray((folder / manifest[modality]["file"]).read_bytes()))
+    shapes = [str(a.shape) for a in f.in_avals[-(1 if modality == "image" else 2):]]
+    assert all("b" in sh for sh in shapes), (modality, shapes)   # symbolic batch
+    if modality != "image":                                       # and symbolic length
+      assert all(("L" if modality == "text" else "F") in sh for sh in shapes), shapes
+  assert manifest["text"]["max_length"] == m.max_text_len
+  assert manifest["audio"]["max_length"] == m.max_frames
   assert settings["image_size"] == m.image_size
   assert settings["stored_size"] == m.image_size + d.crop_margin
   assert (settings["sample_rate"], settings["n_fft"], settings["hop_length"],
@@ -145,16 +149,6 @@ def test_folder_contents_and_settings(exported):
   assert tok["words"] == list(model.tokenizer.words)
   readme = (folder / "README.txt").read_text()
   assert "jax.export.deserialize" in readme and "export.load" in readme
-
-
-def test_default_buckets():
-  assert export.default_buckets(16) == [4, 8, 16]
-  assert export.default_buckets(32) == [8, 16, 32]
-  assert export.default_buckets(400, 4) == [100, 200, 400]
-  assert export.default_buckets(48, 8) == [16, 24, 48]
-  assert export.default_buckets(3) == [1, 2, 3]
-  with pytest.raises(ValueError, match=r"in \[1, 16\]"):
-    export._parse_buckets("8,17", 16, "--text_lengths")
 
 
 def test_loader_rejects_bad_inputs(exported):
@@ -167,6 +161,17 @@ def test_loader_rejects_bad_inputs(exported):
   with pytest.raises(ValueError, match="embed_image needs"):
     loaded.embed_image(np.zeros((1, m.image_size + 1, m.image_size, 3), np.float32))
   assert loaded.embed_text(np.zeros((0, 4), np.int32)).shape == (0, m.embed_dim)
+  # Masked-out positions past the table are dropped; the embedding does not change.
+  ids = np.zeros((1, m.max_text_len + 3), np.int32)
+  ids[0, :5] = [2, 7, 8, 9, 3]
+  np.testing.assert_allclose(loaded.embed_text(ids), loaded.embed_text(ids[:, :5]), atol=1e-6)
+  # A folder of the old per-length-bucket format is refused with what to do.
+  old = json.loads((folder / "manifest.json").read_text())
+  stale = folder.parent / "stale"
+  shutil.copytree(folder, stale)
+  (stale / "manifest.json").write_text(json.dumps({**old, "format": "nlmm-jax-export/1"}))
+  with pytest.raises(export.ExportError, match="export the checkpoint again"):
+    export.load(str(stale))
   with pytest.raises(FileNotFoundError):
     export.load(str(folder / "nope"))
 

@@ -262,6 +262,16 @@ def test_audio_frontend_mask():
   np.testing.assert_array_equal(np.asarray(tokens)[~np.asarray(out_mask)], 0.0)
 
 
+def test_strided_centre_is_a_strided_slice():
+  """The front-end's mask subsampling equals mask[:, ::s] for every length and stride."""
+  rng = np.random.default_rng(0)
+  for f in (1, 2, 5, 8, 13, 50):
+    for s in (2, 3, 5):
+      mask = rng.random((3, f)) < 0.6
+      got = np.asarray(encoders.strided_centre(jnp.asarray(mask), 2 * (s // 2) + 1, s))
+      np.testing.assert_array_equal(got, mask[:, ::s], err_msg=f"F={f} s={s}")
+
+
 # ----------------------------------------------------------------------- isolation
 
 

@@ -29,28 +29,9 @@ def corpus(tiny_corpus):
 
 
 @pytest.fixture(scope="module")
-def finished_run(corpus, tmp_path_factory):
-  """The 4-step job, plus a host copy of what each `checkpointing.save` was handed
-  (state, data-iterator state, config), taken at the moment of the save: the reference
-  the checkpoints on disk are compared with."""
-  from nlmm_jax import checkpointing
-  workdir = tmp_path_factory.mktemp("run")
-  c = tiny_config(corpus / "corpus", corpus / "cache")
-  saved = {}
-  save = checkpointing.save
-
-  def recording_save(manager, step, state, data_iter, config, *args, **kwargs):
-    saved[int(step)] = dict(state=jax.device_get(state),
-                            data=json.loads(json.dumps(data_iter.get_state())),
-                            config=json.loads(json.dumps(config.to_dict())))
-    return save(manager, step, state, data_iter, config, *args, **kwargs)
-
-  checkpointing.save = recording_save
-  try:
-    test_metrics = train.train_and_evaluate(c, str(workdir))
-  finally:
-    checkpointing.save = save
-  return workdir, c, test_metrics, saved
+def finished_run(tiny_job):
+  """(workdir, config, test metrics, saved) of the session's 4-step job (conftest)."""
+  return tiny_job
 
 
 def _rsum_key(metrics):

@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 IMAGE_DIR = "Flicker8k_Dataset"    # (sic), as in the official archive
 MARKER = "DEMO_CORPUS.json"        # written first ("complete": false) and last (true)
-VERSION = 1
+VERSION = 2                        # 2: speech in SPEECH_SHARDS independent processes
+SPEECH_SHARDS = 4                  # fixed, so the corpus is the same on every machine
 IMAGE_SIZE = 128
 SAMPLE_RATE = 16000
 SPLIT_FRACTIONS = (0.8, 0.1)       # train, dev; test gets the rest
@@ -274,6 +275,45 @@ def synthesise(jobs: list[dict], progress: bool = True) -> None:
              subtype="PCM_16", format="WAV")
 
 
+def synthesise_in_processes(jobs: list[dict], progress: bool = True) -> None:
+  """`synthesise` in SPEECH_SHARDS fresh processes, at most one per CPU core at a time.
+
+  espeak-ng keeps state between clips, so a clip's samples depend on the clips spoken
+  before it in the same process: each shard (a fixed, contiguous part of `jobs`) is spoken
+  in its own fresh process, which makes the corpus the same whatever the core count.
+  """
+  start = time.time()
+  shards = [s.tolist() for s in np.array_split(np.arange(len(jobs)), SPEECH_SHARDS)]
+  package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+  parallel = max(1, min(len(shards), os.cpu_count() or 1))
+  with tempfile.TemporaryDirectory() as tmp:
+    pending = []
+    for i, rows in enumerate(shards):
+      path = os.path.join(tmp, f"jobs_{i}.json")
+      with open(path, "w") as f:
+        json.dump([jobs[r] for r in rows], f)
+      pending.append([sys.executable, "-m", "nlmm_jax.data.demo", f"--tts_jobs={path}",
+                      "--quiet"])
+    running = []
+    while pending or running:
+      while pending and len(running) < parallel:
+        cmd = pending.pop(0)
+        running.append((cmd, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE,
+                                               text=True)))
+      cmd, proc = running.pop(0)
+      _, err = proc.communicate()
+      if proc.returncode:
+        for _, other in running:
+          other.kill()
+        raise RuntimeError(f"speech synthesis failed (exit {proc.returncode}): "
+                           f"{err.strip().splitlines()[-1] if err.strip() else ''}")
+  if progress:
+    print(f"speech: {len(jobs)} clips in {len(shards)} processes, {parallel} at a time "
+          f"({time.time() - start:.1f} s)")
+
+
 # ----------------------------------------------------------------------------- corpus
 
 
@@ -348,23 +388,7 @@ def generate(output_dir, num_images: int = 1000, seed: int = 0,
   _write_text(os.path.join(output_dir, "flickr_audio", "wav2capt.txt"), wav_lines)
   _write_text(os.path.join(output_dir, "flickr_audio", "wav2spk.txt"), spk_lines)
 
-  # Speech in a fresh process: espeak-ng's state makes in-process output order-dependent.
-  with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-    json.dump(jobs, f)
-    jobs_file = f.name
-  try:
-    cmd = [sys.executable, "-m", "nlmm_jax.data.demo", f"--tts_jobs={jobs_file}"]
-    if not progress:
-      cmd.append("--quiet")
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (package_parent, env.get("PYTHONPATH")) if p)
-    subprocess.run(cmd, check=True, env=env)
-  finally:
-    os.remove(jobs_file)
-
+  synthesise_in_processes(jobs, progress)
   marker["complete"] = True
   _write_text(os.path.join(output_dir, MARKER), [json.dumps(marker, sort_keys=True)])
   if progress:

@@ -210,6 +210,20 @@ def subsampled_length(frames: int, factor: int) -> int:
   return -(-frames // factor)
 
 
+def strided_centre(mask: Array, k: int, s: int) -> Array:
+  """mask [B, F] bool -> [B, ceil(F / s)]: element j is mask[:, s*j] (= mask[:, ::s]).
+
+  Computed as the conv front-end's own windowing (kernel k, stride s, padding k//2) with a
+  one-hot centre tap, so its length is the conv output's length expression; `mask[:, ::s]`
+  has the same value but a length jax.export cannot prove equal for a symbolic F.
+  """
+  centre = jnp.zeros((k, 1, 1), jnp.float32).at[k // 2].set(1.0)
+  m = jax.lax.conv_general_dilated(
+      jnp.asarray(mask, jnp.float32)[..., None], centre, (s,), ((k // 2, k // 2),),
+      dimension_numbers=("NWC", "WIO", "NWC"))
+  return m[..., 0] > 0.5
+
+
 class AudioEncoder(nn.Module):
   """Log-mel [B, F, n_mels] + mask [B, F] -> conv front-end (x audio_subsample) -> NL blocks.
 
@@ -239,7 +253,7 @@ class AudioEncoder(nn.Module):
       x = nn.Conv(cfg.width, (k,), strides=(s,), padding=((k // 2, k // 2),),
                   dtype=dtype, name=f"conv_{i}")(x)
       x = nn.gelu(x)
-      mask = mask[:, ::s]
+      mask = strided_centre(mask, k, s)
       x = x * mask[..., None].astype(x.dtype)         # [B, ceil(F_i / s), d]
     x = x.astype(jnp.float32)
     rows = subsampled_length(cfg.max_frames, cfg.audio_subsample)
