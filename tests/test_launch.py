@@ -1,0 +1,43 @@
+"""`python -m nlmm_jax.launch`: N local JAX processes that form one job."""
+
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+
+
+def _launch(*flags, env_extra=None, timeout=240):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), **(env_extra or {}))
+  env["XLA_FLAGS"] = ""
+  return subprocess.run([sys.executable, "-m", "nlmm_jax.launch", *flags,
+                         "--module=launch_probe", "--"], capture_output=True, text=True,
+                        cwd=REPO, env=env, timeout=timeout)
+
+
+def test_two_processes_form_one_job():
+  r = _launch("--num_processes=2", "--devices_per_process=2")
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  lines = r.stdout.splitlines()
+  # Every process sees 4 global devices; the sum of rows (1, 1) + (2, 2) crosses processes.
+  for i in range(2):
+    assert any(l.startswith(f"[p{i}] process {i}/2 devices 4 sum 6") for l in lines), lines
+
+
+def test_a_failing_process_stops_the_others():
+  t0 = time.time()
+  r = _launch("--num_processes=2", "--grace_secs=3", env_extra={"PROBE_FAIL": "1"})
+  assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
+  last = r.stdout.strip().splitlines()[-1]
+  assert last.startswith("launch: process 1 of 2 failed (exit status 3)"), last
+  assert "boom: probe failing on purpose" in last
+  assert "[p1] boom" in r.stdout
+  assert not any(l.startswith("[p0] process 0/2") for l in r.stdout.splitlines())
+  assert time.time() - t0 < 200
+
+
+def test_bad_arguments():
+  r = _launch("--num_processes=0")
+  assert r.returncode == 2 and "--num_processes must be >= 1" in r.stderr
