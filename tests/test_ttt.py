@@ -24,6 +24,7 @@ def _tiny_model_config():
   m.max_text_len, m.vocab_size = 8, 32
   m.depth.text = m.depth.image = m.depth.audio = 1
   m.memory.chunk_size = 4                             # text: 2 chunks
+  m.memory.context_gain = True                       # every term of the objective active
   m.memory.context_hidden = 8
   return c
 
