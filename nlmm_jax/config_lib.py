@@ -88,11 +88,16 @@ def optim_config() -> ConfigDict:
   o.dmgd = ConfigDict(dict(
       hidden=8,                      # H: hidden units of the memory's residual MLP (0: linear)
       inner_lr=0.1,                  # eta: memory's own step size on its inner objective
-      objective="l2",                # "l2" | "dot" (dot + hidden=0 + inner_lr=1: heavy ball)
+      objective="l2",                # "l2" | "dot" (dot, hidden=0, inner_lr=1, no debias: heavy
+                                     # ball)
       alpha=0.99,                    # retention of the memory (l2: mu <- (alpha-eta) mu + eta g)
       sigma="nsqrt",                 # "identity" | "nsqrt" (o / sqrt(v_hat), b2, eps)
-                                     # | "newton_schulz" (2-D only; others identity)
+                                     # | "newton_schulz" (kernels as [prod(shape[:-1]), n];
+                                     # 0-D / 1-D: o / rms(o))
       ns_steps=5,
+      phi_sample=16384,              # memory MLP's inner gradient on <= this many coordinates
+                                     # per tensor (strided sample); 0: all (exact, slower)
+      activation="cubic",            # memory MLP's activation: "cubic" (cheap) | "tanh"
   ))
   o.anderson = ConfigDict(dict(
       history=3,                     # m
@@ -101,6 +106,7 @@ def optim_config() -> ConfigDict:
       beta=1.0,                      # mixing
       b1=0.0,                        # Adam first-moment decay inside the AA fixed-point map
                                      # (0: a stationary map; AA supplies the acceleration)
+      history_dtype="float32",       # dtype of the 2m history rings ("bfloat16" halves them)
   ))
   return o
 

@@ -117,13 +117,21 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_cfg):
 
   (loss, (metrics, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  params = nlmm.clip_logit_scale(params, loss_cfg.max_logit_scale)  # after the update
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-  new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+
+  def update(params, opt_state):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params = nlmm.clip_logit_scale(params, loss_cfg.max_logit_scale)  # after the update
+    return params, opt_state
+
+  # The update runs only when finite; otherwise params and optimizer state pass through
+  # unchanged (a select between new and old state would read both and write a copy).
+  params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params,
+                                   state.opt_state)
+  new = TrainState(step=jnp.where(finite, state.step + 1, state.step), params=params,
+                   opt_state=opt_state, rng=jnp.where(finite, rng, state.rng))
   metrics = dict(metrics)
   metrics.update({"loss": loss, "grad_norm": grad_norm,
                   "param_norm": optax.global_norm(params),

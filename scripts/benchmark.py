@@ -1,20 +1,73 @@
 """Project benchmarks: one function per section, each printing a table of its figures.
 
-  python scripts/benchmark.py                      # all sections
-  python scripts/benchmark.py --only memory        # some sections (comma-separated)
-  python scripts/benchmark.py --json figures.json  # also write the figures
+Sections (--only, comma-separated; default: all, in this order):
+  peak    achieved GFLOP/s of a jitted n x n by n x n jnp matmul (--peak_n; 2 n^3 flops,
+          default precision) in float32 and bfloat16: the machine's limit that every
+          `pct_peak` column compares with. Runs first whenever another section runs.
+  memory  fast-weight memory (models/fast_weights.py), forward + backward: recurrent vs
+          chunked for both rules at T = --seq_len, then a T sweep of the chunked form.
+  optim   one optimizer step on the parameter tree of --optim_config: level-routed adamw,
+          dmgd, anderson (`levels.build_optimizer`, every label on that optimizer)
+          against plain `optax.adamw` (1.0x), each averaged over a full period of the
+          CMS levels (the slowest level's update_every: 16 steps with the default
+          levels, 256 for small and medium; --optim_steps).
+  model   the whole jitted train step (forward, backward, optimizer) of each
+          --model_config, for each --model_optimizer, with its ratio to the adamw step.
+  input   examples/s delivered by the grain training pipeline from the feature cache of
+          the generated demo corpus (under --data_dir) with 0 and 2 worker processes,
+          against the demo train step's consumption at the same batch.
+
+Flags:
+  --only S1,S2            sections to run (peak is added when any other runs)
+  --json PATH             also write every figure (and the run's settings) to PATH
+  --quick                 every section at small sizes (QUICK: memory T=256 d=128
+                          batch 4, optim on the demo tree, model on demo with 1 repeat,
+                          input 50 batches, 3 repeats); flags given explicitly still win
+  --repeats N             timed runs per figure (median; default 5)
+  --peak_n N              matmul size of `peak` (0: 8192 on a GPU, 2048 otherwise)
+  --batch, --seq_len, --memory_width, --chunk_size, --sweep
+                          memory: batch, T, d (heads of 64), chunk size C, T values of the sweep
+  --optim_config NAME     optim: the config whose parameter tree is stepped (default small)
+  --optim_steps N         optim: steps averaged (0: one full CMS period from the config)
+  --optim_names A,B       optim: level-routed optimizers (default adamw,dmgd,anderson)
+  --model_config A,B      model: configs (default small,demo; on a GPU small,medium,demo)
+  --own_shapes A,B        model: configs run at their own train.batch_size and shapes
+                          (default demo); the others use --model_batch, --model_overrides
+  --model_batch N, --model_overrides K=V,..., --model_repeats N
+  --model_optimizer A,B   model: adamw, sgd, dmgd, anderson (adamw, the 1.0x, always runs)
+  --data_dir DIR          input: demo corpus and feature cache go here (default data/bench)
+  --input_batches N       input: batches timed per worker setting (default 200)
+  --step_examples_per_s X input: the train step's examples/s, if not measured in this run
+
+Examples:
+  python scripts/benchmark.py --quick --json quick.json
+  python scripts/benchmark.py --only memory --seq_len 2048
+  python scripts/benchmark.py --only model --model_config demo --model_optimizer dmgd,anderson
+  python scripts/benchmark.py --only input --step_examples_per_s 108
 
 Times are wall-clock seconds after compilation (median of --repeats runs, each ended by
-`block_until_ready`). Memory: the device's peak bytes in use where the backend reports
-it (GPU/TPU `memory_stats()`), and always XLA's compiled memory analysis
-(argument + output + temp bytes of the jitted function).
+`block_until_ready`; optim: the mean over its steps). Memory: the device's peak bytes in
+use where the backend reports it (GPU/TPU `memory_stats()`), and always XLA's compiled
+memory analysis (argument + output + temp bytes of the jitted function).
 
-To add a section: write `bench_<name>(args) -> list[dict]` (one dict per table row) and
-register it in SECTIONS.
+FLOPs are XLA's count for the compiled program (`cost_analysis()`) of one device, so
+GFLOP/s and pct_peak are per device. XLA counts the body of a while loop (lax.scan,
+fori_loop) once, not once per iteration: in rows whose `loops` is > 0 the FLOP count,
+GFLOP/s and pct_peak are lower bounds.
+
+Precision: on a GPU the memory and model sections run in float32 and bfloat16 (the
+model's `model.dtype`; memory: q, k, v in bfloat16), each compared with the peak of its
+dtype; on other backends in float32 only (peak still reports bfloat16).
+
+To add a section: write `bench_<name>(args, done) -> list[dict]` (one dict per table row;
+`done` holds the rows of the sections already run) and register it in SECTIONS.
 """
 
 import argparse
 import json
+import math
+import os
+import resource
 import statistics
 import sys
 import time
@@ -22,22 +75,45 @@ from typing import Callable, Dict, List
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Row = Dict[str, object]
+Done = Dict[str, List[Row]]
+NAN = float("nan")
+
+QUICK = dict(repeats=3, batch=4, seq_len=256, memory_width=128, sweep=[128, 256],
+             optim_config="demo", model_config="demo", model_repeats=1, input_batches=50)
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def time_fn(fn: Callable, *args, repeats: int = 5) -> float:
-  """Median wall time (s) of fn(*args) over `repeats` runs, after one warm-up run."""
+def run_times(fn: Callable, *args, repeats: int) -> List[float]:
+  """Wall times (s) of `repeats` runs of fn(*args), after one warm-up run."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(max(1, repeats)):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return times
+
+
+def time_fn(fn: Callable, *args, repeats: int = 5) -> float:
+  """Median wall time (s) of fn(*args) over `repeats` runs, after one warm-up run."""
+  return statistics.median(run_times(fn, *args, repeats=repeats))
+
+
+def carried_times(step: Callable, carry, *rest, steps: int):
+  """Wall times (s) of `steps` runs of `carry = step(carry, *rest)` (a step that donates
+  its carry), after one warm-up run; returns (times, last carry)."""
+  carry = jax.block_until_ready(step(carry, *rest))
+  times = []
+  for _ in range(max(1, steps)):
+    t0 = time.perf_counter()
+    carry = jax.block_until_ready(step(carry, *rest))
+    times.append(time.perf_counter() - t0)
+  return times, carry
 
 
 def compile_timed(jitted, *args):
@@ -47,18 +123,6 @@ def compile_timed(jitted, *args):
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   return compiled, time.perf_counter() - t0, compiled_memory(compiled)
-
-
-def time_carried(step: Callable, carry, *rest, repeats: int):
-  """Median wall time (s) of `carry = step(carry, *rest)` (a step that donates its carry),
-  after one warm-up run; returns (median seconds, last carry)."""
-  carry = jax.block_until_ready(step(carry, *rest))
-  times = []
-  for _ in range(max(1, repeats)):
-    t0 = time.perf_counter()
-    carry = jax.block_until_ready(step(carry, *rest))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), carry
 
 
 def compiled_memory(compiled) -> Dict[str, float]:
@@ -77,12 +141,57 @@ def compiled_memory(compiled) -> Dict[str, float]:
   return {"arg_mib": arg, "out_mib": out, "temp_mib": temp, "total_mib": arg + out + temp}
 
 
+def xla_flops(compiled) -> float:
+  """XLA's FLOP count of a compiled program (summed over its modules), NaN if unknown.
+
+  `cost_analysis()` returns a dict, or a list of dicts (one per module) in some versions."""
+  try:
+    analysis = compiled.cost_analysis()
+  except NotImplementedError:
+    return NAN
+  if isinstance(analysis, dict):
+    analysis = [analysis]
+  flops = [float(a["flops"]) for a in analysis or [] if a and "flops" in a]
+  return sum(flops) if flops else NAN
+
+
+def while_loops(compiled) -> int:
+  """Number of while loops in the compiled program (their bodies count once in FLOPs)."""
+  try:
+    return compiled.as_text().count(" while(")
+  except Exception:  # pylint: disable=broad-except
+    return -1
+
+
+def peak_gflop_s(done: Done, dtype: str) -> float:
+  """The `peak` section's GFLOP/s for `dtype` (NaN if peak did not run)."""
+  rows = [r for r in done.get("peak", []) if r["dtype"] == dtype]
+  return float(rows[0]["gflop_s"]) if rows else NAN
+
+
+def throughput(compiled, seconds: float, dtype: str, done: Done) -> Row:
+  """XLA FLOPs of one run, achieved GFLOP/s and its percentage of the dtype's peak."""
+  flops = xla_flops(compiled)
+  gflop_s = flops / seconds / 1e9
+  return dict(xla_gflop=flops / 1e9, gflop_s=gflop_s,
+              pct_peak=100 * gflop_s / peak_gflop_s(done, dtype), loops=while_loops(compiled))
+
+
+def dtypes() -> tuple:
+  """Model/memory precisions benchmarked on this backend."""
+  return ("float32", "bfloat16") if jax.default_backend() == "gpu" else ("float32",)
+
+
 def device_peak_mib() -> float:
   """Peak bytes in use on device 0 (MiB) where the backend reports it, else NaN."""
   stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
   if not stats or "peak_bytes_in_use" not in stats:
-    return float("nan")
+    return NAN
   return stats["peak_bytes_in_use"] / 2**20
+
+
+def platform() -> str:
+  return f"{jax.devices()[0].platform} x{len(jax.devices())}"
 
 
 def print_table(title: str, rows: List[Row]) -> None:
@@ -103,164 +212,229 @@ def print_table(title: str, rows: List[Row]) -> None:
   print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
   for c in cells:
     print("  ".join(x.rjust(w) for x, w in zip(c, widths)))
+  sys.stdout.flush()
+
+
+def csv(cast=str):
+  """argparse type: a comma-separated list."""
+  return lambda s: [cast(x.strip()) for x in s.split(",") if x.strip()]
+
+
+# ----------------------------------------------------------------------------- peak
+
+def bench_peak(args, done: Done) -> List[Row]:
+  """Achieved matmul GFLOP/s, float32 and bfloat16 (2 n^3 flops per n x n matmul)."""
+  n = args.peak_n or (8192 if jax.default_backend() == "gpu" else 2048)
+  rows = []
+  for dtype in ("float32", "bfloat16"):
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), dtype)
+    b = jax.random.normal(kb, (n, n), dtype)
+    matmul, _, _ = compile_timed(jax.jit(jnp.matmul), a, b)
+    sec = time_fn(matmul, a, b, repeats=args.repeats)
+    rows.append(dict(dtype=dtype, n=n, ms=1e3 * sec, gflop_s=2 * n**3 / sec / 1e9,
+                     xla_gflop=xla_flops(matmul) / 1e9))
+  print_table(f"peak: jitted {n}x{n} matmul [{platform()}]", rows)
+  return rows
 
 
 # ----------------------------------------------------------------------------- memory
 
-def bench_memory(args) -> List[Row]:
-  """Fast-weight memory (nlmm_jax.models.fast_weights), forward + backward.
+def memory_inputs(b: int, h: int, t: int, e: int, dtype: str):
+  """Unit-norm q, k; random v, beta; full mask; the cotangent w (q, k, v in `dtype`)."""
+  ks = jax.random.split(jax.random.PRNGKey(0), 5)
+  unit = lambda x: (x / jnp.linalg.norm(x, axis=-1, keepdims=True)).astype(dtype)
+  q = unit(jax.random.normal(ks[0], (b, h, t, e)))
+  k = unit(jax.random.normal(ks[1], (b, h, t, e)))
+  v = jax.random.normal(ks[2], (b, h, t, e)).astype(dtype)
+  beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, h, t)))
+  w = jax.random.normal(ks[4], (b, h, t, e))
+  return q, k, v, beta, jnp.ones((b, t), bool), w
 
-  Recurrent (lax.scan over tokens) vs chunked (C = --chunk_size), both rules, at
-  T = --seq_len, 8 heads of 64 (d = 512), batch --batch; then a T sweep of the chunked
-  form. Gradients w.r.t. q, k, v (and beta for delta) of <y, w>.
-  """
+
+def memory_fwd_bwd(form: str, rule: str, chunk_size: int):
+  """jit of <y, w> and its gradients w.r.t. q, k, v and beta."""
   from nlmm_jax.models import fast_weights as fw
 
-  b, h, e, c = args.batch, 8, 64, args.chunk_size
+  def loss(q, k, v, beta, mask, w):
+    y = fw.fast_weight_memory(q, k, v, beta, None, mask, rule=rule, form=form,
+                              chunk_size=chunk_size)
+    return jnp.sum(y * w)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
 
-  def inputs(t):
-    ks = jax.random.split(jax.random.PRNGKey(0), 5)
-    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-    q = unit(jax.random.normal(ks[0], (b, h, t, e)))
-    k = unit(jax.random.normal(ks[1], (b, h, t, e)))
-    v = jax.random.normal(ks[2], (b, h, t, e))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, h, t)))
-    w = jax.random.normal(ks[4], (b, h, t, e))
-    mask = jnp.ones((b, t), bool)
-    return q, k, v, beta, mask, w
 
-  def fwd_bwd(form, rule):
-    def loss(q, k, v, beta, mask, w):
-      y = fw.fast_weight_memory(q, k, v, beta, None, mask, rule=rule, form=form,
-                                chunk_size=c)
-      return jnp.sum(y * w)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+def measure_memory(args, done: Done, form: str, rule: str, t: int, dtype: str,
+                   repeats: int) -> Row:
+  b, e, c = args.batch, 64, args.chunk_size
+  h = max(1, args.memory_width // e)
+  inputs = memory_inputs(b, h, t, e, dtype)
+  fn, compile_s, mem = compile_timed(memory_fwd_bwd(form, rule, c), *inputs)
+  sec = time_fn(fn, *inputs, repeats=repeats)
+  return dict(form=form, rule=rule, dtype=dtype, T=t, B=b, H=h, e=e,
+              C=c if form == "chunked" else "-", compile_s=compile_s, fwd_bwd_s=sec,
+              tok_per_s=b * t / sec, **throughput(fn, sec, dtype, done),
+              xla_total_mib=mem.get("total_mib", NAN), xla_temp_mib=mem.get("temp_mib", NAN),
+              device_peak_mib=device_peak_mib())
 
-  def measure(form, rule, t, repeats):
-    args_t = inputs(t)
-    fn, compile_s, mem = compile_timed(fwd_bwd(form, rule), *args_t)
-    sec = time_fn(fn, *args_t, repeats=repeats)
-    return dict(form=form, rule=rule, T=t, B=b, H=h, e=e,
-                C=c if form == "chunked" else "-", compile_s=compile_s, fwd_bwd_s=sec,
-                tok_per_s=b * t / sec, xla_total_mib=mem.get("total_mib", float("nan")),
-                xla_temp_mib=mem.get("temp_mib", float("nan")),
-                device_peak_mib=device_peak_mib())
 
-  rows = []
-  t = args.seq_len
-  for rule in ("hebbian", "delta"):
-    rec = measure("recurrent", rule, t, max(1, args.repeats // 2))
-    chk = measure("chunked", rule, t, args.repeats)
-    ratio = rec["fwd_bwd_s"] / chk["fwd_bwd_s"]
-    rec["rec/chunked"] = ratio
-    chk["rec/chunked"] = ratio
-    rows += [rec, chk]
-  print_table(f"memory: recurrent vs chunked, fwd+bwd, T={t}, d={h * e}, batch={b} "
-              f"[{jax.devices()[0].platform}]", rows)
+def bench_memory(args, done: Done) -> List[Row]:
+  """Fast-weight memory forward + backward, recurrent vs chunked, then a chunked T sweep.
 
-  sweep = []
-  for rule in ("hebbian", "delta"):
-    for t in args.sweep:
-      r = measure("chunked", rule, t, args.repeats)
-      r["rec/chunked"] = float("nan")
-      sweep.append(r)
-  print_table(f"memory: chunked T sweep (C={c}) [{jax.devices()[0].platform}]", sweep)
+  Heads of 64 (d = --memory_width), batch --batch, chunk size --chunk_size; gradients
+  w.r.t. q, k, v and beta of <y, w>.
+  """
+  t, d = args.seq_len, args.memory_width
+  rows, sweep, chunked = [], [], {}
+  for dtype in dtypes():
+    for rule in ("hebbian", "delta"):
+      rec = measure_memory(args, done, "recurrent", rule, t, dtype, max(1, args.repeats // 2))
+      chk = measure_memory(args, done, "chunked", rule, t, dtype, args.repeats)
+      chunked[rule, t, dtype] = dict(chk)  # reused by the sweep at T = --seq_len
+      rec["rec/chunked"] = chk["rec/chunked"] = rec["fwd_bwd_s"] / chk["fwd_bwd_s"]
+      rows += [rec, chk]
+    for rule in ("hebbian", "delta"):
+      for ts in args.sweep:
+        sweep.append(chunked.get((rule, ts, dtype)) or
+                     measure_memory(args, done, "chunked", rule, ts, dtype, args.repeats))
+  print_table(f"memory: recurrent vs chunked, fwd+bwd, T={t}, d={d}, batch={args.batch} "
+              f"[{platform()}]", rows)
+  if sweep:
+    print_table(f"memory: chunked T sweep (C={args.chunk_size}) [{platform()}]", sweep)
   return rows + sweep
 
 
 # ----------------------------------------------------------------------------- optim
 
-def bench_optim(args) -> List[Row]:
-  """One optimizer step (update + apply_updates, params and state donated) by optimizer.
+def use_optimizer(cfg, name: str):
+  """Puts every label (default and each CMS level) of a config on optimizer `name`."""
+  cfg.optim.optimizer = name
+  for level in cfg.model.cms.levels.values():
+    level.optimizer = name
+  return cfg
 
-  The parameter tree is the --optim_config model's (`nlmm.abstract_params`, via
-  jax.eval_shape of the model init), filled with random values. Every label (default and
-  the CMS levels, with their configured update_every) uses the optimizer of the row, as
-  built by `levels.build_optimizer`. Random gradients, fixed across steps.
+
+def cms_period(cfg) -> int:
+  """Steps after which every CMS level has updated a whole number of times."""
+  return math.lcm(1, *(int(level.update_every) for level in cfg.model.cms.levels.values()))
+
+
+def random_tree(abstract, seed: int, scale: float):
+  """A tree of the shapes of `abstract` with normal(0, scale) values (drawn by numpy:
+  jax.random would compile one generator per leaf)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: jnp.asarray(scale * rng.standard_normal(x.shape, np.float32), x.dtype),
+      abstract)
+
+
+def tree_mib(tree) -> float:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
+
+
+def optim_candidates(config_name: str,
+                     names: List[str]) -> Dict[str, optax.GradientTransformation]:
+  """Plain optax.adamw (the baseline: no labels, no MultiSteps, constant lr) and the
+  level-routed optimizers of the config with every label on each of `names`."""
+  from nlmm_jax import config_lib
+  from nlmm_jax.optim import levels
+
+  o = config_lib.load_config(config_name).optim
+  out = {"optax.adamw": optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
+                                    weight_decay=o.weight_decay)}
+  for name in names:
+    out[f"levels:{name}"] = levels.build_optimizer(
+        use_optimizer(config_lib.load_config(config_name), name))
+  return out
+
+
+def measure_optimizer(opt, params, grads, steps: int) -> Row:
+  """Mean and max step time over `steps` steps (after one warm-up step)."""
+  state = jax.jit(opt.init)(params)
+
+  def step(carry, g):
+    p, s = carry
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  step, compile_s, mem = compile_timed(jax.jit(step, donate_argnums=0), (params, state), grads)
+  state_mib = tree_mib(state)
+  times, _ = carried_times(step, (params, state), grads, steps=steps)
+  return dict(state_mib=state_mib, compile_s=compile_s, steps=len(times),
+              ms_per_step=1e3 * statistics.mean(times), ms_max=1e3 * max(times),
+              xla_temp_mib=mem.get("temp_mib", NAN))
+
+
+def bench_optim(args, done: Done) -> List[Row]:
+  """One optimizer step (update + apply_updates, params and state donated) per optimizer.
+
+  The parameter tree is the --optim_config model's (`nlmm.abstract_params`), filled with
+  random values; random gradients, fixed across steps. Each optimizer is averaged over
+  --optim_steps steps (default: one full period of the CMS levels, so that the steps on
+  which slower levels update are counted as often as in training).
   """
   from nlmm_jax import config_lib
   from nlmm_jax.models import nlmm
-  from nlmm_jax.optim import levels
 
-  base = config_lib.load_config(args.optim_config)
-  abstract = nlmm.abstract_params(base)
+  cfg = config_lib.load_config(args.optim_config)
+  abstract = nlmm.abstract_params(cfg)
   n_params = nlmm.param_count(abstract)
-  leaves, treedef = jax.tree.flatten(abstract)
-
-  @jax.jit
-  def random_tree(key, scale):
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten([scale * jax.random.normal(k, x.shape, x.dtype)
-                              for k, x in zip(keys, leaves)])
-
-  params = random_tree(jax.random.PRNGKey(0), 0.02)
-  grads = random_tree(jax.random.PRNGKey(1), 1e-3)
-  mib = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
-
+  steps = args.optim_steps or cms_period(cfg)
   rows = []
-  for name in ("adamw", "dmgd", "anderson"):
-    cfg = config_lib.load_config(args.optim_config)
-    cfg.optim.optimizer = name
-    for level in cfg.model.cms.levels.values():
-      level.optimizer = name
-    opt = levels.build_optimizer(cfg)
-    state = jax.jit(opt.init)(params)
-
-    def step(carry, g):
-      p, s = carry
-      u, s = opt.update(g, s, p)
-      return optax.apply_updates(p, u), s
-
-    step, compile_s, mem = compile_timed(jax.jit(step, donate_argnums=0), (params, state),
-                                         grads)
-    sec, (params, state) = time_carried(step, (params, state), grads, repeats=args.repeats)
-    rows.append(dict(optimizer=name, params_m=n_params / 1e6, state_mib=mib(state),
-                     compile_s=compile_s, ms_per_step=1e3 * sec,
-                     xla_temp_mib=mem.get("temp_mib", float("nan"))))
-    del state
+  for name, opt in optim_candidates(args.optim_config, args.optim_names).items():
+    params, grads = random_tree(abstract, 0, 0.02), random_tree(abstract, 1, 1e-3)
+    rows.append(dict(optimizer=name, params_m=n_params / 1e6,
+                     **measure_optimizer(opt, params, grads, steps)))
+    del params, grads
   for r in rows:
     r["vs_adamw"] = r["ms_per_step"] / rows[0]["ms_per_step"]
   print_table(f"optim: one step on the {args.optim_config} parameter tree "
-              f"({n_params / 1e6:.1f}M params) [{jax.devices()[0].platform}]", rows)
+              f"({n_params / 1e6:.1f}M params), mean of {steps} steps [{platform()}]", rows)
   return rows
 
 
 # ----------------------------------------------------------------------------- model
 
-def bench_model(args) -> List[Row]:
-  """The whole jitted train step (forward, backward, optimizer) of a config's model.
-
-  Default: `small` at the Flickr8k shapes of design section 1 (77 tokens, 224 px images in
-  8 px patches = 784 patches, 400 log-mel frames), global batch --model_batch, on all
-  local devices (data-parallel mesh, as in training). Random inputs with full-length masks.
-  Examples/s after compilation; memory: XLA's compiled analysis of the step (params,
-  optimizer state, batch, activations), the device's peak where reported, and the
-  process's peak resident set (CPU).
-  """
-  import resource
-
-  import numpy as np
+def model_setup(args, name: str, dtype: str, optimizer: str):
+  """(config, global batch) of a model row: configs in --own_shapes at their own
+  train.batch_size and shapes, the others with --model_overrides at --model_batch."""
   from nlmm_jax import config_lib
+
+  own = name in args.own_shapes
+  cfg = config_lib.load_config(name, [] if own else args.model_overrides)
+  cfg.model.dtype = dtype
+  use_optimizer(cfg, optimizer)
+  return cfg, int(cfg.train.batch_size) if own else args.model_batch
+
+
+def random_batch(cfg, batch_size: int) -> dict:
+  """Random inputs of the config's shapes with full-length masks (numpy)."""
+  from nlmm_jax.models import nlmm
+
+  rng = np.random.default_rng(0)
+  batch = nlmm.example_batch(cfg.model, batch_size)
+  batch["image"] = rng.standard_normal(batch["image"].shape).astype(np.float32)
+  batch["audio"] = rng.standard_normal(batch["audio"].shape).astype(np.float32)
+  batch["text"] = rng.integers(1, cfg.model.vocab_size, batch["text"].shape).astype(np.int32)
+  return batch
+
+
+def measure_train_step(args, done: Done, name: str, dtype: str, optimizer: str) -> Row:
+  """The jitted train step of config `name` on all local devices (data-parallel mesh,
+  as in training): compile time, step time, examples/s, FLOPs and memory."""
   from nlmm_jax import train
   from nlmm_jax.models import nlmm
   from nlmm_jax.optim import levels
 
-  cfg = config_lib.load_config(args.model_config, args.model_overrides)
+  cfg, batch_size = model_setup(args, name, dtype, optimizer)
   model = nlmm.build_model(cfg.model, cfg.loss)
   tx = levels.build_optimizer(cfg)
   mesh = train.make_mesh(cfg)
-  rng = np.random.default_rng(0)
-  batch = nlmm.example_batch(cfg.model, args.model_batch)
-  batch["image"] = rng.standard_normal(batch["image"].shape).astype(np.float32)
-  batch["audio"] = rng.standard_normal(batch["audio"].shape).astype(np.float32)
-  batch["text"] = rng.integers(1, cfg.model.vocab_size, batch["text"].shape).astype(np.int32)
   data_sharding = train.batch_sharding(mesh)
-  batch = train.to_global(batch, data_sharding)
-
+  batch = train.to_global(random_batch(cfg, batch_size), data_sharding)
   init = train.make_init_fn(model, tx, cfg)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state_sharding = train.state_sharding(abstract, mesh)
+  state_sharding = train.state_sharding(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
   state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(0))
+  n_params = nlmm.param_count(state.params)
   step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, loss_cfg=cfg.loss),
                  in_shardings=(state_sharding, data_sharding),
                  out_shardings=(state_sharding, None), donate_argnums=0)
@@ -272,68 +446,186 @@ def bench_model(args) -> List[Row]:
     finite.append(metrics["finite"])
     return s
 
-  sec, state = time_carried(run, state, batch, repeats=args.model_repeats)
+  times, state = carried_times(run, state, batch, steps=args.model_repeats)
   if not all(bool(f) for f in finite):
     raise FloatingPointError("the benchmarked train step produced a non-finite loss")
-  n_params = nlmm.param_count(state.params)
+  sec = statistics.median(times)
   m = cfg.model
-  row = dict(config=args.model_config, params_m=n_params / 1e6, batch=args.model_batch,
-             text=m.max_text_len, patches=(m.image_size // m.patch_size) ** 2,
-             frames=m.max_frames, form=m.memory.form, dtype=m.dtype,
-             devices=len(jax.devices()), compile_s=compile_s, step_s=sec,
-             examples_per_s=args.model_batch / sec,
-             xla_total_gib=mem.get("total_mib", float("nan")) / 1024,
-             device_peak_gib=device_peak_mib() / 1024,
-             host_peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-  print_table(f"model: train step of {args.model_config} "
-              f"[{jax.devices()[0].platform} x{len(jax.devices())}]", [row])
-  return [row]
+  return dict(config=name, optimizer=optimizer, dtype=dtype, params_m=n_params / 1e6,
+              batch=batch_size, text=m.max_text_len, patches=(m.image_size // m.patch_size) ** 2,
+              frames=m.max_frames, form=m.memory.form, devices=len(jax.devices()),
+              compile_s=compile_s, step_s=sec, examples_per_s=batch_size / sec,
+              **throughput(step, sec, dtype, done),
+              xla_total_gib=mem.get("total_mib", NAN) / 1024,
+              device_peak_gib=device_peak_mib() / 1024,
+              host_peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def bench_model(args, done: Done) -> List[Row]:
+  """The whole jitted train step (forward, backward, optimizer) per config, dtype and
+  optimizer; `vs_adamw`: step time over the adamw step of the same config and dtype.
+
+  Random inputs with full-length masks. Memory: XLA's compiled analysis of the step
+  (params, optimizer state, batch, activations), the device's peak where reported, and
+  the process's peak resident set (CPU).
+  """
+  optimizers = ["adamw"] + [o for o in args.model_optimizer if o != "adamw"]
+  rows = []
+  for name in args.model_config:
+    for dtype in dtypes():
+      group = [measure_train_step(args, done, name, dtype, o) for o in optimizers]
+      for r in group:
+        r["vs_adamw"] = r["step_s"] / group[0]["step_s"]
+      rows += group
+      print_table(f"model: train step of {name}, {dtype} [{platform()}]", group)
+  return rows
+
+
+# ----------------------------------------------------------------------------- input
+
+def input_config(args):
+  """The demo config with its corpus and feature cache under --data_dir."""
+  from nlmm_jax import config_lib
+
+  cfg = config_lib.load_config("demo")
+  cfg.data.root = os.path.join(args.data_dir, "demo_corpus")
+  cfg.data.cache_dir = os.path.join(args.data_dir, "cache")
+  return cfg
+
+
+def step_consumption(args, done: Done) -> float:
+  """Examples/s of the demo float32 adamw train step: --step_examples_per_s, else the
+  `model` section's row of this run, else measured now."""
+  if args.step_examples_per_s > 0:
+    return args.step_examples_per_s
+  for r in done.get("model", []):
+    if (r["config"], r["dtype"], r["optimizer"]) == ("demo", "float32", "adamw"):
+      return float(r["examples_per_s"])
+  demo_args = argparse.Namespace(**{**vars(args), "own_shapes": ["demo"]})
+  row = measure_train_step(demo_args, done, "demo", "float32", "adamw")
+  print_table(f"input: the consuming train step of demo [{platform()}]", [row])
+  return float(row["examples_per_s"])
+
+
+def pipeline_rate(handle, cfg, workers: int, batches: int) -> Row:
+  """Seconds to the first batch, then examples/s over `batches` batches."""
+  from nlmm_jax.data import pipeline
+
+  cfg.data.num_workers = workers
+  t0 = time.perf_counter()
+  it = pipeline.train_iterator(handle, cfg, seed=0)
+  next(it)
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  sec = time.perf_counter() - t0
+  it.close()
+  bs = int(cfg.train.batch_size)
+  return dict(workers=workers, batch=bs, batches=batches, first_batch_s=first_s,
+              ms_per_batch=1e3 * sec / batches, examples_per_s=batches * bs / sec)
+
+
+def bench_input(args, done: Done) -> List[Row]:
+  """Examples/s of the grain training pipeline (demo config, feature cache under
+  --data_dir, built on the first run) with 0 and 2 workers, against the train step.
+
+  `input/step` > 1: the pipeline alone outruns the step (measured apart: in training
+  both share the host's cores).
+  """
+  from absl import flags
+  from nlmm_jax.data import pipeline
+
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+  cfg = input_config(args)
+  t0 = time.perf_counter()
+  handle = pipeline.prepare(cfg)
+  prepare_s = time.perf_counter() - t0
+  consumption = step_consumption(args, done)
+  rows = []
+  for workers in (0, 2):
+    row = dict(config="demo", **pipeline_rate(handle, cfg, workers, args.input_batches))
+    row.update(step_examples_per_s=consumption,
+               **{"input/step": row["examples_per_s"] / consumption},
+               prepare_s=prepare_s)
+    rows.append(row)
+  print_table(f"input: grain pipeline from the feature cache ({args.data_dir}) vs the "
+              f"train step [{platform()}]", rows)
+  return rows
 
 
 # ----------------------------------------------------------------------------- main
 
-SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Row]]] = {
+SECTIONS: Dict[str, Callable[[argparse.Namespace, Done], List[Row]]] = {
+    "peak": bench_peak,
     "memory": bench_memory,
     "optim": bench_optim,
     "model": bench_model,
+    "input": bench_input,
 }
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--only", default="", help="comma-separated sections: "
-                      + ", ".join(SECTIONS) + " (default: all)")
-  parser.add_argument("--json", default="", help="also write the figures to this path")
-  parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure")
-  # memory section
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--seq_len", type=int, default=1024)
-  parser.add_argument("--chunk_size", type=int, default=64)
-  parser.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")],
-                      default=[256, 512, 1024], help="T values of the chunked sweep")
-  # optim section
-  parser.add_argument("--optim_config", default="small",
-                      help="config whose model parameter tree the optimizers step")
-  # model section
-  parser.add_argument("--model_config", default="small")
-  parser.add_argument("--model_overrides", default="model.max_frames=400",
-                      type=lambda s: [o for o in s.split(",") if o],
-                      help="comma-separated config overrides (key=value)")
-  parser.add_argument("--model_batch", type=int, default=8)
-  parser.add_argument("--model_repeats", type=int, default=3)
-  args = parser.parse_args(argv)
+def default_model_configs() -> List[str]:
+  return ["small", "medium", "demo"] if jax.default_backend() == "gpu" else ["small", "demo"]
 
-  names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SECTIONS)
-  unknown = [n for n in names if n not in SECTIONS]
+
+def make_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--only", type=csv(), default=[], help="sections: " + ", ".join(SECTIONS))
+  p.add_argument("--json", default="", help="also write the figures to this path")
+  p.add_argument("--quick", action="store_true", help="every section at small sizes")
+  p.add_argument("--repeats", type=int, default=5, help="timed runs per figure")
+  p.add_argument("--peak_n", type=int, default=0, help="0: 8192 on a GPU, else 2048")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq_len", type=int, default=1024)
+  p.add_argument("--memory_width", type=int, default=512, help="d; heads of 64")
+  p.add_argument("--chunk_size", type=int, default=64)
+  p.add_argument("--sweep", type=csv(int), default=[256, 512, 1024])
+  p.add_argument("--optim_config", default="small")
+  p.add_argument("--optim_steps", type=int, default=0, help="0: one full CMS period")
+  p.add_argument("--optim_names", type=csv(), default=["adamw", "dmgd", "anderson"])
+  p.add_argument("--model_config", type=csv(), default=default_model_configs())
+  p.add_argument("--own_shapes", type=csv(), default=["demo"])
+  p.add_argument("--model_overrides", type=csv(), default=["model.max_frames=400"])
+  p.add_argument("--model_batch", type=int, default=8)
+  p.add_argument("--model_repeats", type=int, default=3)
+  p.add_argument("--model_optimizer", type=csv(), default=["adamw"])
+  p.add_argument("--data_dir", default="data/bench")
+  p.add_argument("--input_batches", type=int, default=200)
+  p.add_argument("--step_examples_per_s", type=float, default=0.0)
+  return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """Parsed flags; with --quick, QUICK replaces the defaults (explicit flags still win)."""
+  parser = make_parser()
+  args = parser.parse_args(argv)
+  if args.quick:
+    parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
+  unknown = [n for n in args.only if n not in SECTIONS]
   if unknown:
     parser.error(f"unknown section(s) {unknown}; available: {list(SECTIONS)}")
+  return args
 
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  names = [n for n in SECTIONS if n in (args.only or SECTIONS)]
+  if names and "peak" not in names:
+    names.insert(0, "peak")
   print(f"jax {jax.__version__}, devices: {jax.devices()}")
   figures = {"meta": {"jax": jax.__version__, "platform": jax.devices()[0].platform,
-                      "device": str(jax.devices()[0]), "argv": sys.argv[1:]}}
+                      "device": str(jax.devices()[0]), "devices": len(jax.devices()),
+                      "argv": list(sys.argv[1:] if argv is None else argv),
+                      "settings": vars(args)}}
+  done: Done = {}
   for name in names:
-    figures[name] = SECTIONS[name](args)
+    t0 = time.perf_counter()
+    done[name] = SECTIONS[name](args, done)
+    print(f"[{name}: {time.perf_counter() - t0:.0f} s]")
+  figures.update(done)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(figures, f, indent=2, default=str)

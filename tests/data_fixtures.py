@@ -12,7 +12,7 @@ and returns what it wrote, including what a correct index must keep and drop.
 """
 
 import os
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image

@@ -1,0 +1,52 @@
+"""scripts/benchmark.py: the peak, memory and optim sections at tiny sizes, through main()."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+def load_benchmark():
+  spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def positive(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_peak_memory_optim_figures(tmp_path):
+  out = tmp_path / "figures.json"
+  assert load_benchmark().main([
+      "--only", "memory,optim", "--json", str(out), "--repeats", "1",
+      "--peak_n", "128", "--batch", "1", "--seq_len", "16", "--memory_width", "64",
+      "--chunk_size", "8", "--sweep", "", "--optim_config", "demo",
+      "--optim_names", "adamw", "--optim_steps", "2"]) == 0
+  figures = json.loads(out.read_text())
+  assert list(figures) == ["meta", "peak", "memory", "optim"]  # peak first, added
+
+  assert [r["dtype"] for r in figures["peak"]] == ["float32", "bfloat16"]
+  for r in figures["peak"]:
+    assert r["n"] == 128 and positive(r["gflop_s"]) and positive(r["ms"])
+    assert math.isclose(r["xla_gflop"], 2 * 128**3 / 1e9, rel_tol=0.05)  # + converts
+
+  memory = figures["memory"]
+  assert {(r["form"], r["rule"]) for r in memory} == {
+      (f, r) for f in ("recurrent", "chunked") for r in ("hebbian", "delta")}
+  for r in memory:
+    for key in ("fwd_bwd_s", "tok_per_s", "xla_gflop", "gflop_s", "rec/chunked"):
+      assert positive(r[key]), (key, r)
+    assert 0 < r["pct_peak"] < 1000, r
+    assert r["loops"] >= 0
+
+  optim = figures["optim"]
+  assert [r["optimizer"] for r in optim] == ["optax.adamw", "levels:adamw"]
+  assert optim[0]["vs_adamw"] == 1.0
+  for r in optim:
+    assert r["steps"] == 2
+    for key in ("ms_per_step", "ms_max", "state_mib", "vs_adamw"):
+      assert positive(r[key]), (key, r)
