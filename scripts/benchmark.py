@@ -342,8 +342,13 @@ def optim_candidates(config_name: str,
   out = {"optax.adamw": optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                     weight_decay=o.weight_decay)}
   for name in names:
-    out[f"levels:{name}"] = levels.build_optimizer(
-        use_optimizer(config_lib.load_config(config_name), name))
+    base, _, variant = name.partition("-")   # "anderson-bf16": bfloat16 history rings
+    cfg = use_optimizer(config_lib.load_config(config_name), base)
+    if variant == "bf16" and base == "anderson":
+      cfg.optim.anderson.history_dtype = "bfloat16"
+    elif variant:
+      raise ValueError(f"unknown optimizer variant {name!r} (only anderson-bf16)")
+    out[f"levels:{name}"] = levels.build_optimizer(cfg)
   return out
 
 
@@ -584,7 +589,8 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--sweep", type=csv(int), default=[256, 512, 1024])
   p.add_argument("--optim_config", default="small")
   p.add_argument("--optim_steps", type=int, default=0, help="0: one full CMS period")
-  p.add_argument("--optim_names", type=csv(), default=["adamw", "dmgd", "anderson"])
+  p.add_argument("--optim_names", type=csv(),
+                 default=["adamw", "dmgd", "anderson", "anderson-bf16"])
   p.add_argument("--model_config", type=csv(), default=default_model_configs())
   p.add_argument("--own_shapes", type=csv(), default=["demo"])
   p.add_argument("--model_overrides", type=csv(), default=["model.max_frames=400"])

@@ -25,7 +25,7 @@ def test_peak_memory_optim_figures(tmp_path):
       "--only", "memory,optim", "--json", str(out), "--repeats", "1",
       "--peak_n", "128", "--batch", "1", "--seq_len", "16", "--memory_width", "64",
       "--chunk_size", "8", "--sweep", "", "--optim_config", "demo",
-      "--optim_names", "adamw", "--optim_steps", "2"]) == 0
+      "--optim_names", "adamw,anderson,anderson-bf16", "--optim_steps", "2"]) == 0
   figures = json.loads(out.read_text())
   assert list(figures) == ["meta", "peak", "memory", "optim"]  # peak first, added
 
@@ -44,7 +44,11 @@ def test_peak_memory_optim_figures(tmp_path):
     assert r["loops"] >= 0
 
   optim = figures["optim"]
-  assert [r["optimizer"] for r in optim] == ["optax.adamw", "levels:adamw"]
+  assert [r["optimizer"] for r in optim] == ["optax.adamw", "levels:adamw",
+                                             "levels:anderson", "levels:anderson-bf16"]
+  # m = 3: 7 float32 copies of the parameters; with bfloat16 rings 2 + 6 halves = 5
+  # (plus, in both, the slower levels' gradient accumulators: under one copy).
+  assert 0.6 < optim[3]["state_mib"] / optim[2]["state_mib"] < 0.75
   assert optim[0]["vs_adamw"] == 1.0
   for r in optim:
     assert r["steps"] == 2
