@@ -1,18 +1,13 @@
 """scripts/benchmark.py: the peak, memory and optim sections at tiny sizes, through main()."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+from script_loader import load_script  # pylint: disable=g-bad-import-order
 
 
 def load_benchmark():
-  spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("benchmark")
 
 
 def positive(x) -> bool:

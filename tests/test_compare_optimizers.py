@@ -1,25 +1,18 @@
 """scripts/compare_optimizers.py: the protocol (sweep on dev, seeds at the chosen lr), the
 run overrides, failure records and the summary's statistics, with stand-in runs."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 
 import pytest
 
 from nlmm_jax import config_lib
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "compare_optimizers.py"
-
+from script_loader import load_script  # pylint: disable=g-bad-import-order
 
 @pytest.fixture(scope="module")
 def script():
-  spec = importlib.util.spec_from_file_location("compare_optimizers_script", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("compare_optimizers")
 
 
 def _write_run(workdir, dev_curve, test_r1):

@@ -1,6 +1,5 @@
 """scripts/show_results.py: the best evaluation per run (Markdown) and the comparison figure."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -8,15 +7,14 @@ import sys
 
 import pytest
 
+from script_loader import load_script  # pylint: disable=g-bad-import-order
+
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "show_results.py"
 
 
 @pytest.fixture(scope="module")
 def show_results():
-  spec = importlib.util.spec_from_file_location("show_results", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("show_results")
 
 
 def _eval(step, split, r1, plus=(20, 30)):
