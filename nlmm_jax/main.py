@@ -15,6 +15,7 @@ pods, or JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID).
 
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -73,7 +74,30 @@ def main(argv):
     # traceback stays available at --verbosity=1.
     logging.debug("traceback:", exc_info=True)
     sys.stderr.write(f"error: {e}\n")
-    sys.exit(1)
+    _exit(1)
+  except Exception:  # a bug: its traceback, then the same prompt exit with several processes
+    if jax.process_count() == 1:
+      raise
+    traceback.print_exc()
+    _exit(1)
+
+
+def _exit(code: int) -> None:
+  """sys.exit, or with several processes os._exit once the output is flushed.
+
+  sys.exit would run jax.distributed's shutdown, which waits for every other process:
+  those still training or waiting in a collective would keep this one (and the job)
+  hanging. Files are already closed (metrics are appended line by line, TensorBoard was
+  flushed, orbax commits a checkpoint by renaming it), so nothing written is lost; the
+  launcher or cluster scheduler then ends the others.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
 
 
 def resolve_config_argv(argv: list[str]) -> list[str]:

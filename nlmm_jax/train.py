@@ -7,6 +7,7 @@ negatives come from the whole global batch and XLA inserts the collectives.
 """
 
 import functools
+import itertools
 import json
 import os
 import signal
@@ -216,13 +217,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 class _Sigterm:
-  """Turns SIGTERM into a flag the loop checks: save, then exit cleanly."""
+  """Turns SIGTERM into a flag the loop checks: save, then exit cleanly.
+
+  One process only. With several, JAX's preemption service (started by
+  `jax.distributed.initialize`) takes SIGTERM to any process: every process then sees
+  `manager.reached_preemption(step)` at the same step, so all save together. A Python
+  handler here would replace the service's.
+  """
 
   def __init__(self):
     self.received = False
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker)
@@ -239,9 +248,32 @@ class _Sigterm:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+DATA_BARRIER_TIMEOUT_S = 6 * 3600  # processes > 0 wait this long for process 0's data
+_BARRIER_IDS = itertools.count()     # a barrier's key is used once
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> pipeline.DataHandle:
+  """`pipeline.prepare` in every process, process 0 first.
+
+  Process 0 generates / indexes / caches while the others wait at a barrier; then they
+  find the corpus and cache complete (a shared file system) or build their own copy (a
+  disk per host). Concurrent writers into one folder would race.
+  """
+  if jax.process_count() == 1:
+    return pipeline.prepare(config)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  # A barrier of the coordination service (no device collective), with a timeout long
+  # enough for building the Flickr8k cache on one host.
+  barrier = ocp.multihost.get_barrier_sync_fn()
+  data = pipeline.prepare(config) if jax.process_index() == 0 else None
+  barrier(key=f"nlmm_jax_data_prepared_{next(_BARRIER_IDS)}",
+          timeout_ms=DATA_BARRIER_TIMEOUT_S * 1000)
+  return data if data is not None else pipeline.prepare(config)
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, *, for_training: bool = True):
   """Data, model, optimizer, mesh, shardings and a freshly initialised state."""
-  data = pipeline.prepare(config)
+  data = prepare_data(config)
   steps_per_epoch = pipeline.steps_per_epoch(data, config)
   total_steps = _check_config(config, steps_per_epoch)
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
@@ -375,64 +407,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  metrics["mean_R@1"], metrics["rsum_all"], metrics.get("rsum_it", float("nan")))
     return metrics
 
-  global_batch = config.train.batch_size
-  with _Sigterm() as sigterm:
-    while step < total_steps:
-      batch = to_global(next(train_iter), b_sharding)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      examples += global_batch
-      pending.append((step, metrics))
-      report(step)
-      if bar is not None:
-        bar.update(1)
-      last = step == total_steps
-      if step % config.train.log_every == 0 or last:
-        flush_metrics(step)
-      if step % config.train.eval_every == 0 or last:
-        flush_metrics(step)
-        dev = run_eval("dev", state.params, step)
-        if is_main:
-          nl_logging.plot_progress(workdir)
-        checkpointing.save(manager, step, state, train_iter, config, tokenizer=data.tokenizer,
-                           metrics={checkpointing.BEST_METRIC: dev[checkpointing.BEST_METRIC]})
-      elif step % config.train.checkpoint_every == 0:
-        flush_metrics(step)
-        checkpointing.save(manager, step, state, train_iter, config,
-                           tokenizer=data.tokenizer)
-      preempted = sigterm.received or manager.reached_preemption(step)
-      if preempted and not last:
-        flush_metrics(step)
-        if step not in manager.all_steps():
+  try:  # on any error the metrics already computed still reach TensorBoard
+    global_batch = config.train.batch_size
+    with _Sigterm() as sigterm:
+      while step < total_steps:
+        batch = to_global(next(train_iter), b_sharding)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        examples += global_batch
+        pending.append((step, metrics))
+        report(step)
+        if bar is not None:
+          bar.update(1)
+        last = step == total_steps
+        if step % config.train.log_every == 0 or last:
+          flush_metrics(step)
+        if step % config.train.eval_every == 0 or last:
+          flush_metrics(step)
+          dev = run_eval("dev", state.params, step)
+          if is_main:
+            nl_logging.plot_progress(workdir)
+          checkpointing.save(manager, step, state, train_iter, config,
+                             tokenizer=data.tokenizer,
+                             metrics={checkpointing.BEST_METRIC: dev[checkpointing.BEST_METRIC]})
+        elif step % config.train.checkpoint_every == 0:
+          flush_metrics(step)
           checkpointing.save(manager, step, state, train_iter, config,
                              tokenizer=data.tokenizer)
-        manager.wait_until_finished()
-        writer.flush()
-        logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.",
-                        step)
-        if bar is not None:
-          bar.close()
-        return {"stopped_at": step}
-  if bar is not None:
-    bar.close()
-  manager.wait_until_finished()
+        preempted = sigterm.received or manager.reached_preemption(step)
+        if preempted and not last:
+          flush_metrics(step)
+          if step not in manager.all_steps():
+            checkpointing.save(manager, step, state, train_iter, config,
+                               tokenizer=data.tokenizer)
+          manager.wait_until_finished()
+          writer.flush()
+          logging.warning("Stopped at step %d after SIGTERM (a preemption notice); rerun the "
+                          "same command to resume.", step)
+          if bar is not None:
+            bar.close()
+          return {"stopped_at": step}
+    if bar is not None:
+      bar.close()
+    manager.wait_until_finished()
 
-  # Test with the best checkpoint by dev rsum_all (checkpointing.BEST_METRIC).
-  best = manager.best_step() or step
-  if best != step:
-    restored, _ = checkpointing.restore(manager, best, state)
-    params = restored.params
-  else:
-    params = state.params
-  test = run_eval("test", params, step)
-  test["best_step"] = best
-  if is_main:
-    with open(os.path.join(workdir, "eval_test.json"), "w") as f:
-      json.dump({"step": step, "best_step": best, **test}, f, indent=2)
-    nl_logging.plot_progress(workdir)
-  writer.flush()
-  manager.close()
-  return test
+    # Test with the best checkpoint by dev rsum_all (checkpointing.BEST_METRIC).
+    best = manager.best_step() or step
+    if best != step:
+      restored, _ = checkpointing.restore(manager, best, state)
+      params = restored.params
+    else:
+      params = state.params
+    test = run_eval("test", params, step)
+    test["best_step"] = best
+    if is_main:
+      with open(os.path.join(workdir, "eval_test.json"), "w") as f:
+        json.dump({"step": step, "best_step": best, **test}, f, indent=2)
+      nl_logging.plot_progress(workdir)
+    writer.flush()
+    manager.close()
+    return test
+  finally:
+    writer.flush()
 
 
 def ttt_suffix(config) -> str:

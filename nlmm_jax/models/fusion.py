@@ -44,9 +44,12 @@ class CrossAttention(nn.Module):
     if d % self.heads:
       raise ValueError(f"width {d} not divisible by heads {self.heads}")
     e = d // self.heads
-    proj = lambda name: nn.DenseGeneral((self.heads, e), dtype=self.dtype, name=name)
+    proj = lambda name, bias=True: nn.DenseGeneral((self.heads, e), use_bias=bias,
+                                                   dtype=self.dtype, name=name)
     q = proj("query")(z).astype(jnp.float32)          # [B, L, H, e]
-    k = proj("key")(x).astype(jnp.float32)            # [B, T, H, e]
+    # No key bias: it adds q.b to every logit of a query, which the softmax removes, so
+    # its true gradient is zero and Adam would turn rounding noise into drift.
+    k = proj("key", bias=False)(x).astype(jnp.float32)  # [B, T, H, e]
     v = proj("value")(x).astype(jnp.float32)          # [B, T, H, e]
     logits = jnp.einsum("blhe,bthe->bhlt", q, k) / math.sqrt(e)   # [B, H, L, T] fp32
     if mask is not None:
