@@ -16,6 +16,7 @@ pods, or JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID).
 import os
 import sys
 import traceback
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -34,19 +35,35 @@ flags.mark_flags_as_required(["config", "workdir"])
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
+def distributed_args(env) -> Optional[dict]:
+  """How this process joins a multi-process job, read from its environment.
+
+  None: a single process (no `jax.distributed`). Otherwise the keyword arguments for
+  `jax.distributed.initialize`: explicit ones from JAX_COORDINATOR_ADDRESS +
+  JAX_NUM_PROCESSES (+ JAX_PROCESS_ID, default 0), or {} (JAX's own cluster detection)
+  inside a SLURM job of several tasks, an Open MPI job of several ranks, or a TPU pod
+  slice of several workers.
+  """
+  if "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env:
+    return dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(env["JAX_NUM_PROCESSES"]),
+                process_id=int(env.get("JAX_PROCESS_ID", "0")))
+  if "SLURM_JOB_ID" in env:
+    processes = int(env.get("SLURM_NTASKS", "1"))
+  elif "OMPI_COMM_WORLD_SIZE" in env:
+    processes = int(env["OMPI_COMM_WORLD_SIZE"])
+  elif env.get("TPU_WORKER_HOSTNAMES"):
+    processes = len(env["TPU_WORKER_HOSTNAMES"].split(","))
+  else:
+    processes = 1
+  return {} if processes > 1 else None
+
+
 def _maybe_initialize_distributed() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  env = os.environ
-  explicit = "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env
-  cluster = any(k in env for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                   "OMPI_COMM_WORLD_SIZE"))
-  if explicit:
-    jax.distributed.initialize(
-        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(env["JAX_NUM_PROCESSES"]),
-        process_id=int(env.get("JAX_PROCESS_ID", "0")))
-  elif cluster and int(env.get("SLURM_NTASKS", env.get("OMPI_COMM_WORLD_SIZE", "1"))) > 1:
-    jax.distributed.initialize()
+  args = distributed_args(os.environ)
+  if args is not None:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize(**args)
 
 
 def main(argv):

@@ -41,3 +41,18 @@ def test_a_failing_process_stops_the_others():
 def test_bad_arguments():
   r = _launch("--num_processes=0")
   assert r.returncode == 2 and "--num_processes must be >= 1" in r.stderr
+
+
+def test_distributed_args_from_the_environment():
+  from nlmm_jax.main import distributed_args  # pylint: disable=g-import-not-at-top
+  assert distributed_args({}) is None
+  assert distributed_args({"JAX_COORDINATOR_ADDRESS": "h:1234", "JAX_NUM_PROCESSES": "4",
+                           "JAX_PROCESS_ID": "3"}) == dict(
+                               coordinator_address="h:1234", num_processes=4, process_id=3)
+  # Clusters: JAX's auto-detection, only when the job has several processes.
+  assert distributed_args({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}) == {}
+  assert distributed_args({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+  assert distributed_args({"OMPI_COMM_WORLD_SIZE": "2"}) == {}
+  assert distributed_args({"OMPI_COMM_WORLD_SIZE": "1"}) is None
+  assert distributed_args({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == {}
+  assert distributed_args({"TPU_WORKER_HOSTNAMES": "t0"}) is None
