@@ -1,4 +1,4 @@
-"""demo: the whole job on the generated demo corpus (no download), ~10 min on 2 CPU cores."""
+"""demo: the whole job on the generated demo corpus (no download), ~6.5 min on 2 CPU cores."""
 
 from nlmm_jax import config_lib
 
@@ -29,6 +29,7 @@ def get_config():
   # Context gain off: the train step is ~9% faster and test recall is the same (512-step
   # runs: 87.8 off vs 87.9 on, test mean R@1).
   c.model.memory.context_gain = False
+  c.train.cpu_devices = 2            # a 2-core CPU as 2 devices: about twice as fast as one
   c.train.batch_size = 64            # more near-duplicate negatives per batch (vs 32: far better)
   c.train.total_steps = 640
   c.train.eval_every = 320

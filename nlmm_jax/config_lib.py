@@ -33,6 +33,16 @@ def model_config() -> ConfigDict:
   m.remat = False                    # gradient checkpointing per NL block
   m.dropout = 0.0
 
+  # Token mixer of every block (encoders and central latent memory), each followed by
+  # the CMS: "nl" (the fast-weight memory below) | "hope" (the self-modifying Titans
+  # memory, paper Sec. 8, `model.hope`) | "attention" (softmax attention: the baseline).
+  m.block = "nl"
+  m.hope = ConfigDict()
+  m.hope.hidden = 32                 # hidden units of each memory MLP (0: linear memories)
+  m.hope.form = "chunked"            # "recurrent" (lax.scan over tokens: the oracle) | "chunked"
+  m.hope.chunk_size = 16             # C: tokens per chunk (the chunk's updates are applied
+                                     # together at its end, so C changes the function)
+
   # Fast-weight associative memory (design section 3, paper Eq. 64-65).
   m.memory = ConfigDict()
   m.memory.rule = "delta"            # "hebbian" | "delta"
@@ -156,6 +166,10 @@ def train_config() -> ConfigDict:
   t.checkpoint_every = 250
   t.keep_checkpoints = 3
   t.mesh = ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+  t.cpu_devices = 0                  # CPU runs from the command line: split the CPU into this
+                                     # many JAX devices (data parallel, one batch shard each);
+                                     # 0: JAX's default, one. No effect on GPU/TPU runs, or
+                                     # when XLA_FLAGS / JAX_NUM_CPU_DEVICES already set it
   t.eval_splits = ("test",)          # --mode=eval: the splits evaluated (e.g. ("dev", "test"))
   t.progress_bar = True
   return t

@@ -109,6 +109,10 @@ def export_model(model, output: str, platforms: Optional[Sequence[str]] = None,
                           "to replace it)")
   cfg = model.config
   m = cfg.model
+  if m.block != "nl":
+    # The HOPE memory's chunks are part of its function and need a Python T; attention
+    # would export, but nobody has tested it yet.
+    raise ValueError(f"export supports model.block='nl' only; this model has {m.block!r}")
   max_len, max_frames, n_mels = int(m.max_text_len), int(m.max_frames), int(m.n_mels)
   size = int(m.image_size)
   platforms = tuple(platforms) if platforms else (jax.default_backend(),)

@@ -6,6 +6,8 @@ Sections (--only, comma-separated; default: all, in this order):
           `pct_peak` column compares with. Runs first whenever another section runs.
   memory  fast-weight memory (models/fast_weights.py), forward + backward: recurrent vs
           chunked for both rules at T = --seq_len, then a T sweep of the chunked form.
+  hope    the HOPE block's self-modifying memory (models/titans.py), forward + backward:
+          recurrent vs chunked at each --hope_seq_lens.
   optim   one optimizer step on the parameter tree of --optim_config: level-routed adamw,
           dmgd, anderson (`levels.build_optimizer`, every label on that optimizer)
           against plain `optax.adamw` (1.0x), each averaged over a full period of the
@@ -27,6 +29,9 @@ Flags:
   --peak_n N              matmul size of `peak` (0: 8192 on a GPU, 2048 otherwise)
   --batch, --seq_len, --memory_width, --chunk_size, --sweep
                           memory: batch, T, d (heads of 64), chunk size C, T values of the sweep
+  --hope_seq_lens A,B, --hope_width, --hope_batch, --hope_hidden, --hope_chunk_size
+                          hope: T values (default 256,1024), d (heads of 64; 256), batch (4),
+                          memory MLP hidden units (32), chunk size C (16)
   --optim_config NAME     optim: the config whose parameter tree is stepped (default small)
   --optim_steps N         optim: steps averaged (0: one full CMS period from the config)
   --optim_names A,B       optim: level-routed optimizers (default adamw,dmgd,anderson)
@@ -83,6 +88,7 @@ Done = Dict[str, List[Row]]
 NAN = float("nan")
 
 QUICK = dict(repeats=3, batch=4, seq_len=256, memory_width=128, sweep=[128, 256],
+             hope_seq_lens=[256], hope_width=128,
              optim_config="demo", model_config="demo", model_repeats=1, input_batches=50)
 
 
@@ -301,6 +307,54 @@ def bench_memory(args, done: Done) -> List[Row]:
   if sweep:
     print_table(f"memory: chunked T sweep (C={args.chunk_size}) [{platform()}]", sweep)
   return rows + sweep
+
+
+# ----------------------------------------------------------------------------- hope
+
+def hope_fwd_bwd(module):
+  """jit of <layer(x), w> and its gradients w.r.t. the parameters and x."""
+  def loss(params, x, mask, w):
+    return jnp.sum(module.apply({"params": params}, x, mask) * w)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def bench_hope(args, done: Done) -> List[Row]:
+  """The HOPE block's self-modifying memory layer (models/titans.py), forward + backward,
+  recurrent (one update per token) vs chunked (--hope_chunk_size), at each --hope_seq_lens.
+
+  Width --hope_width in heads of 64, --hope_hidden units per memory MLP, batch
+  --hope_batch, float32. The two forms compute different functions for C > 1 (the chunk's
+  updates are applied at its end), so this compares cost only.
+  """
+  from nlmm_jax.models import titans
+  d, b, c = args.hope_width, args.hope_batch, args.hope_chunk_size
+  heads = max(1, d // 64)
+  rows = []
+  for t in args.hope_seq_lens:
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (b, t, d))
+    w = jax.random.normal(kw, (b, t, d))
+    mask = jnp.ones((b, t), bool)
+    pair = []
+    for form in ("recurrent", "chunked"):
+      module = titans.SelfModifyingMemory(width=d, heads=heads, hidden=args.hope_hidden,
+                                          form=form, chunk_size=c)
+      params = module.init(jax.random.PRNGKey(1), x[:, :8], mask[:, :8])["params"]
+      fn, compile_s, mem = compile_timed(hope_fwd_bwd(module), params, x, mask, w)
+      repeats = max(1, args.repeats // 2) if form == "recurrent" else args.repeats
+      sec = time_fn(fn, params, x, mask, w, repeats=repeats)
+      pair.append(dict(form=form, T=t, B=b, d=d, H=heads, hidden=args.hope_hidden,
+                       C=c if form == "chunked" else "-", compile_s=compile_s,
+                       fwd_bwd_s=sec, tok_per_s=b * t / sec,
+                       **throughput(fn, sec, "float32", done),
+                       xla_total_mib=mem.get("total_mib", NAN),
+                       xla_temp_mib=mem.get("temp_mib", NAN)))
+    for r in pair:
+      r["rec/chunked"] = pair[0]["fwd_bwd_s"] / pair[1]["fwd_bwd_s"]
+    rows += pair
+  print_table(f"hope: self-modifying memory, recurrent vs chunked, fwd+bwd, d={d}, "
+              f"batch={b} [{platform()}]", rows)
+  return rows
 
 
 # ----------------------------------------------------------------------------- optim
@@ -564,6 +618,7 @@ def bench_input(args, done: Done) -> List[Row]:
 SECTIONS: Dict[str, Callable[[argparse.Namespace, Done], List[Row]]] = {
     "peak": bench_peak,
     "memory": bench_memory,
+    "hope": bench_hope,
     "optim": bench_optim,
     "model": bench_model,
     "input": bench_input,
@@ -587,6 +642,11 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--memory_width", type=int, default=512, help="d; heads of 64")
   p.add_argument("--chunk_size", type=int, default=64)
   p.add_argument("--sweep", type=csv(int), default=[256, 512, 1024])
+  p.add_argument("--hope_seq_lens", type=csv(int), default=[256, 1024])
+  p.add_argument("--hope_width", type=int, default=256, help="d; heads of 64")
+  p.add_argument("--hope_batch", type=int, default=4)
+  p.add_argument("--hope_hidden", type=int, default=32)
+  p.add_argument("--hope_chunk_size", type=int, default=16)
   p.add_argument("--optim_config", default="small")
   p.add_argument("--optim_steps", type=int, default=0, help="0: one full CMS period")
   p.add_argument("--optim_names", type=csv(),

@@ -17,12 +17,14 @@ def positive(x) -> bool:
 def test_peak_memory_optim_figures(tmp_path):
   out = tmp_path / "figures.json"
   assert load_benchmark().main([
-      "--only", "memory,optim", "--json", str(out), "--repeats", "1",
+      "--only", "memory,hope,optim", "--json", str(out), "--repeats", "1",
       "--peak_n", "128", "--batch", "1", "--seq_len", "16", "--memory_width", "64",
       "--chunk_size", "8", "--sweep", "", "--optim_config", "demo",
-      "--optim_names", "adamw,anderson,anderson-bf16", "--optim_steps", "2"]) == 0
+      "--optim_names", "adamw,anderson,anderson-bf16", "--optim_steps", "2",
+      "--hope_seq_lens", "12", "--hope_width", "64", "--hope_batch", "1", "--hope_hidden", "4",
+      "--hope_chunk_size", "4"]) == 0
   figures = json.loads(out.read_text())
-  assert list(figures) == ["meta", "peak", "memory", "optim"]  # peak first, added
+  assert list(figures) == ["meta", "peak", "memory", "hope", "optim"]  # peak first
 
   assert [r["dtype"] for r in figures["peak"]] == ["float32", "bfloat16"]
   for r in figures["peak"]:
@@ -37,6 +39,13 @@ def test_peak_memory_optim_figures(tmp_path):
       assert positive(r[key]), (key, r)
     assert 0 < r["pct_peak"] < 1000, r
     assert r["loops"] >= 0
+
+  hope = figures["hope"]
+  assert [(r["form"], r["T"], r["C"]) for r in hope] == [("recurrent", 12, "-"),
+                                                        ("chunked", 12, 4)]
+  for r in hope:
+    for key in ("fwd_bwd_s", "tok_per_s", "xla_gflop", "rec/chunked"):
+      assert positive(r[key]), (key, r)
 
   optim = figures["optim"]
   assert [r["optimizer"] for r in optim] == ["optax.adamw", "levels:adamw",

@@ -56,3 +56,19 @@ def test_distributed_args_from_the_environment():
   assert distributed_args({"OMPI_COMM_WORLD_SIZE": "1"}) is None
   assert distributed_args({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == {}
   assert distributed_args({"TPU_WORKER_HOSTNAMES": "t0"}) is None
+
+
+def test_cpu_devices_setting():
+  """train.cpu_devices splits the CPU into JAX devices, unless the environment has."""
+  code = ("from nlmm_jax.main import set_cpu_devices; import jax, os; "
+          "done = set_cpu_devices(3, os.environ); print(done, jax.device_count())")
+  run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                   text=True, cwd=REPO, env=env, timeout=120)
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  env["JAX_PLATFORMS"] = "cpu"
+  r = run(env)
+  assert r.stdout.split() == ["True", "3"], r.stderr[-2000:]
+  r = run(dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert r.stdout.split() == ["False", "2"], r.stderr[-2000:]
+  from nlmm_jax.main import set_cpu_devices  # pylint: disable=g-import-not-at-top
+  assert not set_cpu_devices(0, {})

@@ -160,6 +160,9 @@ VARIANTS = {
     "variant": {"memory.form": "chunked", "memory.gate": True,
                 "memory.direction.text": "bidirectional", "norm": "post",
                 "cms.structure": "chain", "clm_readout": "attention", "remat": True},
+    # The other token mixers (model.block), chunks that do not divide the lengths.
+    "hope": {"block": "hope", "hope.chunk_size": 5, "hope.hidden": 8},
+    "attention": {"block": "attention", "memory.direction.text": "causal"},
 }
 _MODELS = {}
 
@@ -396,10 +399,11 @@ SHRINK = ["model.image_size=32", "model.max_frames=64", "model.max_text_len=16",
           "model.memory.form=recurrent"]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_config_trains_on_two_device_mesh(name):
+@pytest.mark.parametrize("name,block", [(n, "nl") for n in CONFIGS]
+                         + [("demo", "hope"), ("demo", "attention")])
+def test_config_trains_on_two_device_mesh(name, block):
   """Real widths/heads/vocab, small inputs and depth: forward+backward under jit, sharded."""
-  c = config_lib.load_config(name, SHRINK)
+  c = config_lib.load_config(name, SHRINK + [f"model.block={block}"])
   full = config_lib.load_config(name)
   assert (c.model.width, c.model.heads) == (full.model.width, full.model.heads)
   model = nlmm.build_model(c.model, c.loss)

@@ -1,7 +1,9 @@
 """Text, image and audio encoders built from NL blocks (design section 3).
 
 Every encoder maps its inputs to tokens [B, T, d] and a mask [B, T] (None for images: no
-padding) through `depth[modality]` NL blocks and a final RMSNorm. Padded tokens are zeroed
+padding) through `depth[modality]` blocks and a final RMSNorm. A block is a token mixer
+(`model.block`: the fast-weight memory, the HOPE block's self-modifying memory, or
+softmax attention; `token_mixer`) followed by the CMS. Padded tokens are zeroed
 at the output; they write nothing into any fast-weight memory and are masked out of the
 central latent memory's cross-attention, so an embedding does not depend on how much
 padding follows the real tokens or on its batch mates.
@@ -16,8 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nlmm_jax.models import attention
 from nlmm_jax.models import cms as cms_lib
 from nlmm_jax.models import fast_weights
+from nlmm_jax.models import titans
 
 Array = jax.Array
 
@@ -36,6 +40,30 @@ def deepnorm_alpha(num_blocks: int) -> float:
 def deepnorm_beta(num_blocks: int) -> float:
   """DeepNet init scale for an encoder of N blocks: beta = (8N)^(-1/4)."""
   return (8.0 * max(num_blocks, 1)) ** -0.25
+
+
+BLOCKS = ("nl", "hope", "attention")
+
+
+def token_mixer(cfg, direction: str, dtype: Any, name: str = "memory") -> nn.Module:
+  """The token mixer of a block, by `model.block`: x [B, T, d], mask [B, T] -> [B, T, d].
+
+  nl: the fast-weight memory (`fast_weights.FastWeightMemory`, `model.memory`);
+  hope: the self-modifying Titans memory (`titans.SelfModifyingMemory`, `model.hope`;
+  with the CMS after it, the HOPE block of Eq. 94-97); attention: softmax self-attention
+  (`attention.SelfAttention`). All take the same direction and padding mask.
+  """
+  if cfg.block == "nl":
+    return fast_weights.FastWeightMemory.from_config(cfg.memory, cfg.width, cfg.heads,
+                                                     direction, dtype, name=name)
+  if cfg.block == "hope":
+    return titans.SelfModifyingMemory(width=cfg.width, heads=cfg.heads, hidden=cfg.hope.hidden,
+                                      form=cfg.hope.form, chunk_size=cfg.hope.chunk_size,
+                                      direction=direction, dtype=dtype, name=name)
+  if cfg.block == "attention":
+    return attention.SelfAttention(width=cfg.width, heads=cfg.heads, direction=direction,
+                                   dtype=dtype, name=name)
+  raise ValueError(f"model.block must be one of {BLOCKS}, got {cfg.block!r}")
 
 
 class NLBlock(nn.Module):
@@ -58,8 +86,7 @@ class NLBlock(nn.Module):
     post = cfg.norm == "post"
     if cfg.norm not in NORMS:
       raise ValueError(f"model.norm must be one of {NORMS}, got {cfg.norm!r}")
-    memory = fast_weights.FastWeightMemory.from_config(
-        cfg.memory, cfg.width, cfg.heads, self.direction, dtype, name="memory")
+    memory = token_mixer(cfg, self.direction, dtype, name="memory")
     cms = cms_lib.CMS.from_config(
         cfg, dtype, out_init_scale=deepnorm_beta(self.num_blocks) if post else 1.0,
         name="cms")

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 
 from nlmm_jax.models import cms as cms_lib
 from nlmm_jax.models import encoders
-from nlmm_jax.models import fast_weights
 
 Array = jax.Array
 
@@ -86,8 +85,7 @@ class CentralLatentMemory(nn.Module):
 
     z = z + drop(CrossAttention(cfg.heads, dtype, name="read")(
         nn.RMSNorm(name="norm_read")(z), tokens, mask))
-    memory = fast_weights.FastWeightMemory.from_config(
-        cfg.memory, d, cfg.heads, cfg.memory.direction["latent"], dtype, name="memory")
+    memory = encoders.token_mixer(cfg, cfg.memory.direction["latent"], dtype, name="memory")
     z = z + drop(memory(nn.RMSNorm(name="norm_memory")(z), None))
     cms = cms_lib.CMS.from_config(cfg, dtype, name="cms")
     z = z + drop(cms(nn.RMSNorm(name="norm_cms")(z), deterministic))

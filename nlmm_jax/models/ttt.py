@@ -90,7 +90,12 @@ def check_settings(steps: int, lr: float, rank: int) -> tuple[int, float, int]:
 def settings(config: ml_collections.ConfigDict) -> tuple[int, float, int]:
   """(steps, lr, rank) from a full config's `ttt` section (checked)."""
   t = config.ttt
-  return check_settings(t.steps, t.lr, t.rank)
+  steps, lr, rank = check_settings(t.steps, t.lr, t.rank)
+  block = config.model.block
+  if steps > 0 and block != "nl":
+    raise ValueError(f"test-time training adapts the fast-weight memories' keys: it needs "
+                     f"model.block='nl', this model has {block!r} (set ttt.steps=0)")
+  return steps, lr, rank
 
 
 def _memory_paths(params: Mapping[str, Any], modality: Optional[str]) -> list:

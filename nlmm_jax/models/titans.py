@@ -1,0 +1,263 @@
+"""Self-modifying Titans memory: the memory of the HOPE block (paper Sec. 8, Eq. 83-93).
+
+Every projection except the query is a memory that learns in context. Per head (x_t^h the
+head's slice of the block input x_t, e = d / H):
+
+  q_t      = x_t W_q                               static projection (its head slice)
+  k_t      = norm(M_k,t-1(x_t^h))                  Eq. 83 (keys unit L2 norm)
+  v_t      = M_v,t-1(x_t^h)                        Eq. 84
+  eta_t    = sigmoid(w_eta . M_eta,t-1(x_t^h) + b_eta)        Eq. 85 (a rate in (0, 1))
+  alpha_t  = sigmoid(w_alpha . M_alpha,t-1(x_t^h) + b_alpha)  Eq. 86 (retention in (0, 1))
+  y_t      = M_memory,t-1(norm(q_t))               Eq. 87 (the read-out)
+
+and each memory M_c (c in k, v, eta, alpha, memory) generates its own target and takes
+one step of gradient descent with weight decay (the DGD update of Eq. 88) on its L2
+objective:
+
+  v_hat_c,t = M_c,t-1(v_t)                                         Eq. 93
+  theta_c,t = alpha_t theta_c,t-1 - eta_t grad_theta |M_c(k_t; theta) - v_hat_c,t|^2
+              (gradient at theta_c,t-1, v_hat a constant of the inner objective)
+
+A memory is a residual two-layer MLP, M(x) = x + silu(x W1) W2 (Eq. 89/91; `hidden` = n
+units), or a linear one, M(x) = x W (`hidden` = 0). The initial states theta_c,0 are
+parameters of the outer training loop, as are W_q, the rate read-outs (w, b) and the
+output projection. Deviations from the paper, stated: eta_t and alpha_t are scalars per
+head, read out of M_eta / M_alpha by a static linear map and a sigmoid (the paper does
+not say how the memories' vector outputs become rates); memories act on the head's slice
+of x_t, so the heads mix only through W_q and the output projection.
+
+Token t reads the states left by tokens < t (index t-1 above), so an output never depends
+on a later token (causal), and a padded token (mask False) writes nothing (eta = 0,
+alpha = 1) and reads nothing (y = 0).
+
+Two forms of one contract:
+  `recurrent`: `lax.scan` over tokens, one update per token (the oracle).
+  `chunked` (Sec. 8.2): within a chunk of C tokens every quantity above and every
+    gradient is taken at the chunk's starting state theta_0, in parallel, and the chunk
+    is applied as one update at its end:
+      theta_end = (prod_i alpha_i) theta_0 - sum_i eta_i (prod_{j>i} alpha_j) grad_i(theta_0),
+    computed as one gradient of the weighted sum of the token objectives (the gradients
+    share theta_0, so their weighted sum is the gradient of the weighted sum). C = 1 is
+    the recurrent form; C > 1 trades the within-chunk updates for parallel work.
+    Chunks are C consecutive tokens from the first one (the last one padded), so a
+    token's chunk does not depend on how much padding follows the sequence.
+
+Bidirectional: the causal pass plus the causal pass over the time-reversed sequence, summed
+(as `fast_weights.fast_weight_memory`); each row's real tokens are reversed in place
+(padding, a suffix of the row, stays at the end). States and accumulation are fp32.
+"""
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+Array = jax.Array
+
+MEMORIES = ("k", "v", "eta", "alpha", "memory")
+FORMS = ("recurrent", "chunked")
+DIRECTIONS = ("causal", "bidirectional")
+HIGHEST = jax.lax.Precision.HIGHEST
+# Inner rates in (0, ETA_MAX): a linear memory's step multiplies its state by
+# alpha I - 2 eta k^T (k - v) (|k| = |v| = 1), whose eigenvalue alpha - 2 eta (1 - k.v) stays
+# in (-1, 1) for eta < 0.5; with rates up to 1 the memories diverged within 30 tokens.
+ETA_MAX = 0.45
+
+
+def memory_apply(theta: dict, x: Array) -> Array:
+  """M(x; theta) for states theta [B, H, ...] and inputs x [B, H, T, e] -> [B, H, T, e]."""
+  mm = functools.partial(jnp.einsum, precision=HIGHEST)
+  if "w" in theta:                                     # linear: x + x W
+    return x + mm("bhte,bhef->bhtf", x, theta["w"])
+  hidden = jax.nn.silu(mm("bhte,bhen->bhtn", x, theta["w1"]))
+  return x + mm("bhtn,bhne->bhte", hidden, theta["w2"])
+
+
+def _unit(x: Array) -> Array:
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+
+
+def read_token_quantities(states: dict, readout: dict, x: Array, q: Array,
+                          m: Array) -> tuple[Array, Array, Array, Array, Array]:
+  """Eq. 83-87 at the given states for tokens x, q [B, H, T, e], mask m [B, H, T].
+
+  Returns k, v [B, H, T, e], eta, log alpha [B, H, T] (pads: 0 and 0), y [B, H, T, e].
+  """
+  k = _unit(memory_apply(states["k"], x))
+  v = _unit(memory_apply(states["v"], x))
+
+  def logit(name):                                     # [B, H, T]
+    out = memory_apply(states[name], x)
+    return jnp.einsum("bhte,he->bht", out, readout[f"{name}_w"],
+                      precision=HIGHEST) + readout[f"{name}_b"][:, None]
+  eta = ETA_MAX * jax.nn.sigmoid(logit("eta")) * m
+  log_alpha = jax.nn.log_sigmoid(logit("alpha")) * m
+  y = memory_apply(states["memory"], _unit(q)) * m[..., None]
+  return k, v, eta, log_alpha, y
+
+
+def _objective(theta: dict, k: Array, v_hat: Array, weight: Array) -> Array:
+  """sum_{b,h,t} weight |M(k; theta) - v_hat|^2 (each [b, h] slice its own memory)."""
+  err = memory_apply(theta, k) - v_hat
+  return jnp.sum(weight * jnp.sum(jnp.square(err), axis=-1))
+
+
+def _decay(theta: dict, factor: Array) -> dict:
+  """factor [B, H] times every array of theta [B, H, ...]."""
+  return jax.tree.map(lambda w: w * factor.reshape(factor.shape + (1,) * (w.ndim - 2)), theta)
+
+
+def _sub(a: dict, b: dict) -> dict:
+  return jax.tree.map(jnp.subtract, a, b)
+
+
+def titans_recurrent(states: dict, readout: dict, x: Array, q: Array,
+                     mask: Optional[Array] = None) -> Array:
+  """The oracle: one token at a time. states {c: theta_c [B, H, ...]}, x, q [B, H, T, e],
+  mask [B, T] -> y [B, H, T, e] fp32."""
+  b, h, t, _ = x.shape
+  m = jnp.ones((b, h, t), jnp.float32) if mask is None else jnp.broadcast_to(
+      mask[:, None, :].astype(jnp.float32), (b, h, t))
+
+  def step(states, inputs):
+    x_t, q_t, m_t = inputs                             # [B, H, 1, e], [B, H, 1, e], [B, H, 1]
+    k, v, eta, log_alpha, y = read_token_quantities(states, readout, x_t, q_t, m_t)
+    new = {}
+    for c in MEMORIES:
+      v_hat = memory_apply(states[c], v)
+
+      def token_loss(theta, v_hat=v_hat):              # one token, each [b, h] on its own
+        return _objective(theta, k, v_hat, jnp.ones_like(eta))
+      grad = jax.grad(token_loss)(states[c])
+      new[c] = _sub(_decay(states[c], jnp.exp(log_alpha[..., 0])), _decay(grad, eta[..., 0]))
+    return new, y[:, :, 0]
+
+  tokens = lambda a: jnp.moveaxis(a, 2, 0)[:, :, :, None]   # [T, B, H, 1, ...]
+  _, ys = jax.lax.scan(step, states, (tokens(x), tokens(q), tokens(m)))
+  return jnp.moveaxis(ys, 0, 2)                        # [B, H, T, e]
+
+
+def chunk_update(states: dict, readout: dict, x: Array, q: Array,
+                 m: Array) -> tuple[dict, Array]:
+  """One chunk (Sec. 8.2): outputs y [B, H, C, e] at the chunk's starting states, and the
+  states after the chunk's single update."""
+  k, v, eta, log_alpha, y = read_token_quantities(states, readout, x, q, m)  # [B, H, C]
+  total = jnp.sum(log_alpha, axis=-1)                  # log prod_i alpha_i
+  after = total[..., None] - jnp.cumsum(log_alpha, axis=-1)   # log prod_{j>i} alpha_j
+  weight = eta * jnp.exp(after)                        # eta_i prod_{j>i} alpha_j
+  new = {}
+  for c in MEMORIES:
+    v_hat = memory_apply(states[c], v)
+    grad = jax.grad(_objective)(states[c], k, v_hat, weight)
+    new[c] = _sub(_decay(states[c], jnp.exp(total)), grad)
+  return new, y
+
+
+def titans_chunked(states: dict, readout: dict, x: Array, q: Array,
+                   mask: Optional[Array] = None, chunk_size: int = 16) -> Array:
+  """Chunk-parallel form; same contract as `titans_recurrent` (equal for chunk_size 1)."""
+  b, h, t, e = x.shape
+  m = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
+  # Fixed chunks of C from the first token (unlike the fast-weight memory's balanced
+  # chunks, which are exact for every split): here the chunk boundaries change the
+  # result, so they must not depend on the padded length T.
+  c = max(1, min(int(chunk_size), t))
+  n = -(-t // c)
+  pad = n * c - t
+  if pad:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    m = jnp.pad(m, ((0, 0), (0, pad)))
+  m = jnp.broadcast_to(m[:, None, :], (b, h, n * c))
+  chunks = lambda a: jnp.moveaxis(a.reshape(b, h, n, c, *a.shape[3:]), 2, 0)  # [n, B, H, C, ...]
+
+  def step(states, inputs):
+    return chunk_update(states, readout, *inputs)
+  _, ys = jax.lax.scan(step, states, (chunks(x), chunks(q), chunks(m)))
+  y = jnp.moveaxis(ys, 0, 2).reshape(b, h, n * c, e)
+  return y[:, :, :t]
+
+
+def titans_memory(states: dict, readout: dict, x: Array, q: Array,
+                  mask: Optional[Array] = None, *, form: str = "chunked",
+                  chunk_size: int = 16, direction: str = "causal") -> Array:
+  """Read-out [B, H, T, e] of the self-modifying memory, dispatching form and direction."""
+  if form == "recurrent":
+    fn = titans_recurrent
+  elif form == "chunked":
+    fn = functools.partial(titans_chunked, chunk_size=chunk_size)
+  else:
+    raise ValueError(f"hope.form must be one of {FORMS}, got {form!r}")
+  if direction not in DIRECTIONS:
+    raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+  y = fn(states, readout, x, q, mask)
+  if direction == "causal":
+    return y
+  flip = functools.partial(reverse_real_tokens, mask=mask)
+  return y + flip(fn(states, readout, flip(x), flip(q), mask))
+
+
+def reverse_real_tokens(a: Array, mask: Optional[Array]) -> Array:
+  """a [B, H, T, ...] with each row's real tokens (a prefix, mask [B, T]) in reverse order
+  and its padding left at the end, so the backward pass's chunks start at the last real
+  token whatever the padded length (its own inverse)."""
+  t = a.shape[2]
+  if mask is None:
+    return jnp.flip(a, 2)
+  length = jnp.sum(mask, axis=1).astype(jnp.int32)[:, None]     # [B, 1]
+  pos = jnp.arange(t)[None, :]
+  idx = jnp.where(pos < length, length - 1 - pos, pos)          # [B, T]
+  idx = idx.reshape(idx.shape[0], 1, t, *([1] * (a.ndim - 3)))
+  return jnp.take_along_axis(a, idx, axis=2)
+
+
+class SelfModifyingMemory(nn.Module):
+  """The HOPE block's memory layer: x [B, T, d], mask [B, T] -> [B, T, d] (module docstring).
+
+  Parameters: `query` (W_q), `out` (output projection), the initial states
+  `M_<c>_w1` [H, e, n], `M_<c>_w2` [H, n, e] (or `M_<c>_w` [H, e, e] when `hidden` = 0)
+  of the five memories, and the rate read-outs `<eta|alpha>_w` [H, e], `_b` [H].
+  """
+  width: int
+  heads: int
+  hidden: int = 32                    # n: hidden units of each memory MLP; 0: linear memories
+  form: str = "chunked"
+  chunk_size: int = 16
+  direction: str = "causal"
+  dtype: Any = jnp.float32
+
+  def _initial_states(self, e: int) -> dict:
+    h, n = self.heads, self.hidden
+    states = {}
+    for c in MEMORIES:
+      if n:   # W2 starts small: each memory starts near the identity map
+        states[c] = dict(
+            w1=self.param(f"M_{c}_w1", nn.initializers.normal(e ** -0.5), (h, e, n)),
+            w2=self.param(f"M_{c}_w2", nn.initializers.normal(0.02), (h, n, e)))
+      else:
+        states[c] = dict(w=self.param(f"M_{c}_w", nn.initializers.normal(e ** -0.5), (h, e, e)))
+    return states
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    b, t, d = x.shape                                 # [B, T, d]
+    h = self.heads
+    if self.width % h or d != self.width:
+      raise ValueError(f"width {self.width} (input {d}) not divisible by heads {h}")
+    e = d // h
+    heads_first = lambda a: a.reshape(b, t, h, e).transpose(0, 2, 1, 3).astype(jnp.float32)
+    q = heads_first(nn.Dense(d, use_bias=False, dtype=self.dtype, name="query")(x))
+    xs = heads_first(x)                               # [B, H, T, e]: the memories' input
+    readout = {}
+    for name, bias in (("eta", -2.0), ("alpha", 4.0)):  # eta ~ 0.12, alpha ~ 0.98 at init
+      readout[f"{name}_w"] = self.param(f"{name}_w", nn.initializers.normal(e ** -0.5), (h, e))
+      readout[f"{name}_b"] = self.param(f"{name}_b", nn.initializers.constant(bias), (h,))
+    states = jax.tree.map(lambda p: jnp.broadcast_to(p[None], (b,) + p.shape),
+                          self._initial_states(e))
+    y = titans_memory(states, readout, xs, q, mask, form=self.form,
+                      chunk_size=self.chunk_size, direction=self.direction)
+    y = y.transpose(0, 2, 1, 3).reshape(b, t, d).astype(self.dtype)
+    return nn.Dense(d, use_bias=False, dtype=self.dtype, name="out")(y)
