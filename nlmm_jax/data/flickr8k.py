@@ -411,8 +411,11 @@ def load_index(root, use_audio: bool = True, max_lost_fraction: float = 0.01,
   report_file = _report_file(report_path)
   if report_file:
     os.makedirs(os.path.dirname(report_file) or ".", exist_ok=True)
-    with open(report_file, "w") as f:
+    # Written whole, then renamed: processes of one job index the same root at once.
+    tmp = f"{report_file}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
       json.dump(report, f, indent=1)
+    os.replace(tmp, report_file)
     report["report_file"] = report_file
 
   n_unmatched = sum(len(v) for v in unmatched.values())
