@@ -113,7 +113,10 @@ def launch(args: Sequence[str], num_processes: int, devices_per_process: int = 1
   try:
     while True:
       codes = [p.proc.poll() for p in procs]
-      failed = next((p for p, c in zip(procs, codes) if c not in (None, 0)), None)
+      # Of processes found failed together, one killed by a signal is the likelier cause
+      # (the others' collectives then fail with an error), then the lowest index.
+      failed = min((p for p, c in zip(procs, codes) if c not in (None, 0)),
+                   key=lambda p: (p.proc.returncode > 0, p.index), default=None)
       if failed is not None or all(c == 0 for c in codes):
         break
       time.sleep(0.2)
