@@ -16,6 +16,8 @@ from nlmm_jax import checkpointing
 from nlmm_jax import main
 from nlmm_jax.data import pipeline
 
+from batch_hooks import AtBatch  # pylint: disable=g-bad-import-order
+
 
 def _fault(name):
   value = os.environ.get(name)
@@ -29,33 +31,15 @@ def _process_index() -> int:
   return int(os.environ.get("JAX_PROCESS_ID", "0"))
 
 
-class _SigtermAt:
-  """Wraps a train iterator: SIGTERM to this process at its `at`-th batch."""
-
-  def __init__(self, it, at):
-    self._it, self._at, self._n = it, at, 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    self._n += 1
-    if self._n == self._at:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return next(self._it)
-
-  def get_state(self):
-    return self._it.get_state()
-
-  def set_state(self, state):
-    self._it.set_state(state)
-
-
 def _install_faults():
   sigterm, sigkill = _fault("NLMM_TEST_SIGTERM"), _fault("NLMM_TEST_SIGKILL")
   if sigterm and sigterm[0] == _process_index():
     make_iterator = pipeline.train_iterator
-    pipeline.train_iterator = lambda *a, **k: _SigtermAt(make_iterator(*a, **k), sigterm[1])
+    def sigterm_self(batch):
+      os.kill(os.getpid(), signal.SIGTERM)
+      return batch
+    pipeline.train_iterator = lambda *a, **k: AtBatch(make_iterator(*a, **k), sigterm[1],
+                                                      sigterm_self)
   if sigkill and sigkill[0] == _process_index():
     save = checkpointing.save
 

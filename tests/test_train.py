@@ -17,6 +17,7 @@ import pytest
 
 from nlmm_jax import train
 
+from batch_hooks import AtBatch  # pylint: disable=g-bad-import-order
 from tiny_run import tiny_config  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -396,29 +397,12 @@ def test_fsdp_mesh_shards_parameters(corpus):
   assert sh["b"].spec == jax.sharding.PartitionSpec()
 
 
-class _NanImageAt:
-  """Wraps the job's train iterator: the `at`-th batch (1-based) gets a NaN image."""
-
-  def __init__(self, it, at):
-    self._it, self._at, self._n = it, at, 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch = next(self._it)
-    self._n += 1
-    if self._n == self._at:
-      batch = dict(batch)
-      assert np.issubdtype(batch["image"].dtype, np.floating), batch["image"].dtype
-      batch["image"] = np.full_like(batch["image"], np.nan)
-    return batch
-
-  def get_state(self):
-    return self._it.get_state()
-
-  def set_state(self, state):
-    self._it.set_state(state)
+def _nan_image(batch):
+  """The batch with every image NaN."""
+  batch = dict(batch)
+  assert np.issubdtype(batch["image"].dtype, np.floating), batch["image"].dtype
+  batch["image"] = np.full_like(batch["image"], np.nan)
+  return batch
 
 
 def test_non_finite_loss_stops_with_message(corpus, tmp_path, monkeypatch):
@@ -431,7 +415,7 @@ def test_non_finite_loss_stops_with_message(corpus, tmp_path, monkeypatch):
                   checkpoint_every=2)
   make_iter = pipeline.train_iterator
   monkeypatch.setattr(pipeline, "train_iterator",
-                      lambda *a, **k: _NanImageAt(make_iter(*a, **k), at=3))
+                      lambda *a, **k: AtBatch(make_iter(*a, **k), 3, _nan_image))
   with pytest.raises(train.NonFiniteLossError,
                      match=r"step 3.*Last good checkpoint: step 2 in \S+") as info:
     train.train_and_evaluate(c, str(tmp_path / "nan"))

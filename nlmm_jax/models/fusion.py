@@ -11,8 +11,8 @@ memory through which every modality is read, one modality at a time:
 
 The read comes first so that the fast-weight memory runs over slots that already carry the
 input: applied to the bare learned slots it would compute one constant per modality. The
-cross-attention is multi-head with logits scaled by 1/sqrt(head width), padding masked with
-a large negative before the softmax, in fp32.
+cross-attention (`attention.CrossAttention`) is multi-head with logits scaled by 1/sqrt(head
+width), padding masked with a large negative before the softmax, in fp32.
 """
 
 import math
@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nlmm_jax.models import attention
 from nlmm_jax.models import cms as cms_lib
 from nlmm_jax.models import encoders
 
@@ -29,34 +30,6 @@ Array = jax.Array
 
 MODALITIES = ("image", "text", "audio")
 READOUTS = ("mean", "attention", "concat")
-MASK_VALUE = -1e30
-
-
-class CrossAttention(nn.Module):
-  """Multi-head cross-attention: queries z [B, L, d] read x [B, T, d] (mask [B, T])."""
-  heads: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, z: Array, x: Array, mask: Optional[Array] = None) -> Array:
-    d = z.shape[-1]
-    if d % self.heads:
-      raise ValueError(f"width {d} not divisible by heads {self.heads}")
-    e = d // self.heads
-    proj = lambda name, bias=True: nn.DenseGeneral((self.heads, e), use_bias=bias,
-                                                   dtype=self.dtype, name=name)
-    q = proj("query")(z).astype(jnp.float32)          # [B, L, H, e]
-    # No key bias: it adds q.b to every logit of a query, which the softmax removes, so
-    # its true gradient is zero and Adam would turn rounding noise into drift.
-    k = proj("key", bias=False)(x).astype(jnp.float32)  # [B, T, H, e]
-    v = proj("value")(x).astype(jnp.float32)          # [B, T, H, e]
-    logits = jnp.einsum("blhe,bthe->bhlt", q, k) / math.sqrt(e)   # [B, H, L, T] fp32
-    if mask is not None:
-      logits = jnp.where(mask[:, None, None, :], logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1)
-    o = jnp.einsum("bhlt,bthe->blhe", weights, v).astype(self.dtype)  # [B, L, H, e]
-    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(o)
-
 
 class CentralLatentMemory(nn.Module):
   """CLM: tokens [B, T, d] + mask [B, T] of one modality -> readout (fp32).
@@ -83,7 +56,7 @@ class CentralLatentMemory(nn.Module):
     z = jnp.broadcast_to(slots[None], (b, n, d)).astype(jnp.float32)  # [B, L, d]
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
-    z = z + drop(CrossAttention(cfg.heads, dtype, name="read")(
+    z = z + drop(attention.CrossAttention(cfg.heads, dtype, name="read")(
         nn.RMSNorm(name="norm_read")(z), tokens, mask))
     memory = encoders.token_mixer(cfg, cfg.memory.direction["latent"], dtype, name="memory")
     z = z + drop(memory(nn.RMSNorm(name="norm_memory")(z), None))

@@ -1,30 +1,37 @@
-"""Self-modifying Titans memory: the memory of the HOPE block (paper Sec. 8, Eq. 83-93).
+"""Self-modifying Titans memory: the memory of the HOPE block (after paper Sec. 8,
+Eq. 83-93; how it differs is stated below).
 
 Every projection except the query is a memory that learns in context. Per head (x_t^h the
 head's slice of the block input x_t, e = d / H):
 
   q_t      = x_t W_q                               static projection (its head slice)
-  k_t      = norm(M_k,t-1(x_t^h))                  Eq. 83 (keys unit L2 norm)
-  v_t      = M_v,t-1(x_t^h)                        Eq. 84
-  eta_t    = sigmoid(w_eta . M_eta,t-1(x_t^h) + b_eta)        Eq. 85 (a rate in (0, 1))
-  alpha_t  = sigmoid(w_alpha . M_alpha,t-1(x_t^h) + b_alpha)  Eq. 86 (retention in (0, 1))
-  y_t      = M_memory,t-1(norm(q_t))               Eq. 87 (the read-out)
+  k_t      = norm(M_k,t-1(x_t^h))                  keys, unit L2 norm
+  v_t      = norm(M_v,t-1(x_t^h))                  values, unit L2 norm
+  eta_t    = ETA_MAX sigmoid(w_eta . M_eta,t-1(x_t^h) + b_eta)      inner rate
+  alpha_t  = sigmoid(w_alpha . M_alpha,t-1(x_t^h) + b_alpha)        retention
+  y_t      = M_memory,t-1(norm(q_t))               the read-out
 
 and each memory M_c (c in k, v, eta, alpha, memory) generates its own target and takes
-one step of gradient descent with weight decay (the DGD update of Eq. 88) on its L2
+one step of gradient descent with retention (weight decay 1 - alpha_t) on its L2
 objective:
 
-  v_hat_c,t = M_c,t-1(v_t)                                         Eq. 93
+  v_hat_c,t = M_c,t-1(v_t)
   theta_c,t = alpha_t theta_c,t-1 - eta_t grad_theta |M_c(k_t; theta) - v_hat_c,t|^2
               (gradient at theta_c,t-1, v_hat a constant of the inner objective)
 
-A memory is a residual two-layer MLP, M(x) = x + silu(x W1) W2 (Eq. 89/91; `hidden` = n
-units), or a linear one, M(x) = x W (`hidden` = 0). The initial states theta_c,0 are
-parameters of the outer training loop, as are W_q, the rate read-outs (w, b) and the
-output projection. Deviations from the paper, stated: eta_t and alpha_t are scalars per
-head, read out of M_eta / M_alpha by a static linear map and a sigmoid (the paper does
-not say how the memories' vector outputs become rates); memories act on the head's slice
-of x_t, so the heads mix only through W_q and the output projection.
+This is NOT the paper's delta gradient descent (DGD, Eq. 88), which also multiplies the
+memory's input side by (alpha_t I - eta_t k_t^T k_t); here that term is absent (plain
+gradient descent with retention), a difference still to be closed.
+
+A memory is a residual two-layer MLP, M(x) = x + silu(x W1) W2 (the paper's residual MLP
+memories, Eq. 89/91; `hidden` = n units), or a residual linear one, M(x) = x + x W
+(`hidden` = 0; a plain x W with a self-generated target M(v) collapses to W = 0). The
+initial states theta_c,0 are parameters of the outer training loop, as are W_q, the rate
+read-outs (w, b) and the output projection. Further deviations: eta_t and alpha_t are
+scalars per head, read out of M_eta / M_alpha by a static linear map and a sigmoid;
+values are unit-norm and eta_t < ETA_MAX (without both the memories diverged within
+10-30 tokens in the tests' settings); memories act on the head's slice of x_t, so the
+heads mix only through W_q and the output projection.
 
 Token t reads the states left by tokens < t (index t-1 above), so an output never depends
 on a later token (causal), and a padded token (mask False) writes nothing (eta = 0,
@@ -54,12 +61,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nlmm_jax.models import fast_weights
 
 Array = jax.Array
 
 MEMORIES = ("k", "v", "eta", "alpha", "memory")
-FORMS = ("recurrent", "chunked")
-DIRECTIONS = ("causal", "bidirectional")
+FORMS = fast_weights.FORMS
+DIRECTIONS = fast_weights.DIRECTIONS
 HIGHEST = jax.lax.Precision.HIGHEST
 # Inner rates in (0, ETA_MAX): a linear memory's step multiplies its state by
 # alpha I - 2 eta k^T (k - v) (|k| = |v| = 1), whose eigenvalue alpha - 2 eta (1 - k.v) stays
@@ -76,18 +84,14 @@ def memory_apply(theta: dict, x: Array) -> Array:
   return x + mm("bhtn,bhne->bhte", hidden, theta["w2"])
 
 
-def _unit(x: Array) -> Array:
-  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
-
-
 def read_token_quantities(states: dict, readout: dict, x: Array, q: Array,
                           m: Array) -> tuple[Array, Array, Array, Array, Array]:
   """Eq. 83-87 at the given states for tokens x, q [B, H, T, e], mask m [B, H, T].
 
   Returns k, v [B, H, T, e], eta, log alpha [B, H, T] (pads: 0 and 0), y [B, H, T, e].
   """
-  k = _unit(memory_apply(states["k"], x))
-  v = _unit(memory_apply(states["v"], x))
+  k = fast_weights.normalize_heads(memory_apply(states["k"], x), "l2")
+  v = fast_weights.normalize_heads(memory_apply(states["v"], x), "l2")
 
   def logit(name):                                     # [B, H, T]
     out = memory_apply(states[name], x)
@@ -95,7 +99,7 @@ def read_token_quantities(states: dict, readout: dict, x: Array, q: Array,
                       precision=HIGHEST) + readout[f"{name}_b"][:, None]
   eta = ETA_MAX * jax.nn.sigmoid(logit("eta")) * m
   log_alpha = jax.nn.log_sigmoid(logit("alpha")) * m
-  y = memory_apply(states["memory"], _unit(q)) * m[..., None]
+  y = memory_apply(states["memory"], fast_weights.normalize_heads(q, "l2")) * m[..., None]
   return k, v, eta, log_alpha, y
 
 
