@@ -125,7 +125,10 @@ def data_config() -> ConfigDict:
   """Data (design section 5)."""
   d = ConfigDict()
   d.name = "demo"                    # "demo" (generated, Flickr8k layout) | "flickr8k"
+                                     # | "manifest" (your own corpus: `data.manifest`)
   d.root = "data/demo_corpus"        # a Flickr8k + FACC root (any accepted layout)
+  d.manifest = ""                    # data.name="manifest": a JSONL file, one image per
+                                     # line (format: nlmm_jax/data/manifest.py)
   d.cache_dir = "data/cache"         # preprocessed TFDS/ArrayRecord cache
   d.cache_verify = "stat"            # what keys the cache per media file: "stat" (size +
                                      # mtime) | "hash" (sha256 of the bytes; reads them all)
@@ -147,6 +150,28 @@ def data_config() -> ConfigDict:
   return d
 
 
+DATA_NAMES = ("demo", "flickr8k", "manifest")
+
+
+def check_data(data: ConfigDict) -> None:
+  """Raises ValueError, naming the key, when `data.name` is unknown or, for
+  `data.name="manifest"`, when `data.manifest` is unset or names no file."""
+  if data.name not in DATA_NAMES:
+    raise ValueError(f"data.name must be one of {DATA_NAMES}, got {data.name!r}")
+  if data.name != "manifest":
+    return
+  path = data.get("manifest") or ""
+  if not isinstance(path, str) or not path.strip():
+    raise ValueError("data.name='manifest' reads its corpus from data.manifest, which is "
+                     "unset: pass --config.data.manifest=PATH (a JSONL file, format in "
+                     "nlmm_jax/data/manifest.py; scripts/make_manifest.py writes one)")
+  full = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isfile(full):
+    raise ValueError(f"data.manifest={path!r} is not a file (looked for {full}, working "
+                     f"directory {os.getcwd()}): set --config.data.manifest to the path of "
+                     "your manifest JSONL file")
+
+
 def loss_config() -> ConfigDict:
   l = ConfigDict()
   l.kind = "infonce"                 # "infonce" | "siglip"
@@ -159,6 +184,10 @@ def loss_config() -> ConfigDict:
 def train_config() -> ConfigDict:
   t = ConfigDict()
   t.batch_size = 32                  # global batch (all devices, all hosts)
+  t.accum_steps = 1                  # > 1: the batch in this many micro-batches by gradient
+                                     # caching (train._cached_grads): the same loss (all
+                                     # negatives of the batch) and gradient, one micro-batch's
+                                     # activation memory, one extra forward per micro-batch
   t.total_steps = 1000
   t.epochs = 0                       # > 0: total_steps = epochs * steps_per_epoch
   t.log_every = 10
@@ -173,6 +202,25 @@ def train_config() -> ConfigDict:
   t.eval_splits = ("test",)          # --mode=eval: the splits evaluated (e.g. ("dev", "test"))
   t.progress_bar = True
   return t
+
+
+def check_accum_steps(batch_size: int, accum_steps: int, n_devices: int) -> None:
+  """Raises ValueError, naming what to change, unless train.accum_steps >= 1 divides
+  train.batch_size into micro-batches that each split evenly over the n devices the batch
+  is sharded over (all devices of the mesh: its data x fsdp axes, `train.batch_sharding`).
+  Called by `train._check_config` before a run."""
+  if accum_steps < 1:
+    raise ValueError(f"train.accum_steps={accum_steps} must be >= 1 (1: no accumulation)")
+  if batch_size % accum_steps:
+    raise ValueError(f"train.accum_steps={accum_steps} must divide train.batch_size="
+                     f"{batch_size}: change either")
+  micro = batch_size // accum_steps
+  if micro % n_devices:
+    raise ValueError(
+        f"train.accum_steps={accum_steps} leaves micro-batches of {batch_size} / "
+        f"{accum_steps} = {micro} rows, not divisible by the {n_devices} devices the batch "
+        f"is sharded over: lower train.accum_steps to a divisor of "
+        f"{batch_size // n_devices} (train.batch_size / devices) or raise train.batch_size")
 
 
 def ttt_config() -> ConfigDict:

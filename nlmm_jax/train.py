@@ -4,6 +4,8 @@ One jitted train step over a `Mesh(('data', 'fsdp'))`: the global batch is shard
 every device of every host, parameters and optimizer state are replicated (fsdp=1) or
 sharded over the `fsdp` axis; the contrastive loss is computed on the global arrays, so
 negatives come from the whole global batch and XLA inserts the collectives.
+With `train.accum_steps` > 1 the step computes the same gradient by gradient caching over
+micro-batches (`compute_grads`), so the negatives are still the whole global batch.
 """
 
 import functools
@@ -24,6 +26,7 @@ import numpy as np
 import optax
 
 from nlmm_jax import checkpointing
+from nlmm_jax import config_lib
 from nlmm_jax import evaluate
 from nlmm_jax import logging as nl_logging
 from nlmm_jax import losses
@@ -105,10 +108,8 @@ def make_init_fn(model, tx, config) -> Callable[[jax.Array], TrainState]:
   return init
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, loss_cfg):
-  """One optimizer step. A non-finite loss or gradient leaves the state unchanged."""
-  rng, dropout_rng = jax.random.split(state.rng)
-
+def _full_batch_grads(params, batch, dropout_rng, *, model, loss_cfg):
+  """(loss, metrics, logit_scale, grads): one forward and backward over the whole batch."""
   def loss_fn(params):
     embeddings, logit_scale = model.apply({"params": params}, batch, train=True,
                                           rngs={"dropout": dropout_rng})
@@ -116,8 +117,97 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_cfg):
                                             logit_bias=params.get("logit_bias"))
     return loss, (metrics, logit_scale)
 
-  (loss, (metrics, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  (loss, (metrics, logit_scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, metrics, logit_scale, grads
+
+
+def micro_batches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...]: micro-batch j holds rows j, j + k, j + 2k, ...
+
+  Strided, not contiguous: the batch is sharded over the devices in contiguous row
+  blocks, so with B/k divisible by the device count every micro-batch takes B/(k n)
+  rows from each device's own block (no data moves between devices)."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def from_micro_batches(x: jax.Array) -> jax.Array:
+  """[k, B/k, ...] -> [B, ...]: the inverse of `micro_batches` (the batch's row order)."""
+  return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _cached_grads(params, batch, dropout_rng, *, model, loss_cfg, accum_steps: int):
+  """(loss, metrics, logit_scale, grads) by gradient caching over `accum_steps`
+  micro-batches (Gao, Zhang, Han, Callan 2021, "Scaling Deep Contrastive Learning Batch
+  Size under Memory Limited Setup", arXiv:2101.06983: the gradient cache).
+
+  (a) embed every micro-batch without gradient (`lax.map`); (b) the contrastive loss of
+  the whole batch on those embeddings (every other row of the batch a negative), with
+  its gradient w.r.t. the embeddings and the loss's own parameters (log_logit_scale,
+  logit_bias); (c) per micro-batch, a second forward under `jax.vjp` pulls the cached
+  embedding gradient back to the parameters, summed over micro-batches (`lax.scan`).
+  Each row's embedding depends on that row's inputs alone, so by the chain rule, without
+  dropout, loss, metrics and logit_scale equal `_full_batch_grads(params, batch, ...)`'s
+  and grads equal its grads up to float rounding (tests/test_accumulation.py: within
+  1e-5 relative over all parameters, 1e-4 per parameter). Activations are held for one micro-batch at a time; the cost
+  is one extra forward per micro-batch. Micro-batch j draws dropout from
+  fold_in(dropout_rng, j) in both passes, so with dropout the masks differ from the
+  full-batch step's (another sample of the same objective).
+  """
+  k = accum_steps
+  index = jnp.arange(k)                                              # [k]
+  parts = jax.tree.map(lambda x: micro_batches(x, k), batch)         # {key: [k, B/k, ...]}
+
+  def embed(params, part, j):
+    embeddings, _ = model.apply({"params": params}, part, train=True,
+                                rngs={"dropout": jax.random.fold_in(dropout_rng, j)})
+    return embeddings                                                # {m: [B/k, E]}
+
+  frozen = jax.lax.stop_gradient(params)
+  cached = jax.lax.map(lambda xs: embed(frozen, *xs), (parts, index))  # {m: [k, B/k, E]}
+  cached = jax.tree.map(from_micro_batches, cached)                  # {m: [B, E]}
+
+  def loss_fn(params, embeddings):
+    logit_scale = model.apply({"params": params}, method=nlmm.NLMM.scale)
+    loss, metrics = losses.contrastive_loss(embeddings, logit_scale, loss_cfg,
+                                            logit_bias=params.get("logit_bias"))
+    return loss, (metrics, logit_scale)
+
+  (loss, (metrics, logit_scale)), (grads, emb_grads) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(params, cached)       # emb_grads {m: [B, E]}
+  cotangents = jax.tree.map(lambda g: micro_batches(g, k), emb_grads)  # {m: [k, B/k, E]}
+
+  def backward(acc, xs):
+    part, j, cotangent = xs
+    _, pullback = jax.vjp(lambda p: embed(p, part, j), params)
+    return jax.tree.map(jnp.add, acc, pullback(cotangent)[0]), None
+
+  grads, _ = jax.lax.scan(backward, grads, (parts, index, cotangents))
+  return loss, metrics, logit_scale, grads
+
+
+def compute_grads(params, batch: dict, dropout_rng, *, model, loss_cfg, accum_steps: int = 1):
+  """(loss, metrics, logit_scale, grads) of the contrastive loss over the whole batch.
+
+  accum_steps == 1: one forward and backward. accum_steps > 1: gradient caching
+  (`_cached_grads`), the same loss and gradient with one micro-batch's activations.
+  """
+  rows = jax.tree.leaves(batch)[0].shape[0]
+  if accum_steps < 1 or rows % accum_steps:
+    raise ValueError(f"accum_steps={accum_steps} must be >= 1 and divide the batch's "
+                     f"{rows} rows")
+  fn = _full_batch_grads if accum_steps == 1 else functools.partial(
+      _cached_grads, accum_steps=accum_steps)
+  return fn(params, batch, dropout_rng, model=model, loss_cfg=loss_cfg)
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, loss_cfg, accum_steps: int = 1):
+  """One optimizer step on the gradient of the whole batch (`compute_grads`; with
+  accum_steps > 1 by gradient caching over micro-batches). A non-finite loss or gradient
+  leaves the state unchanged."""
+  rng, dropout_rng = jax.random.split(state.rng)
+  loss, metrics, logit_scale, grads = compute_grads(
+      state.params, batch, dropout_rng, model=model, loss_cfg=loss_cfg,
+      accum_steps=accum_steps)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -193,6 +283,8 @@ def _check_config(config, steps_per_epoch: int) -> int:
   if config.train.batch_size % n:
     raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by "
                      f"the {n} devices")
+  config_lib.check_accum_steps(int(config.train.batch_size),
+                               int(config.train.accum_steps), n)
   if config.data.eval_batch_size % n:
     raise ValueError(f"data.eval_batch_size={config.data.eval_batch_size} must be "
                      f"divisible by the {n} devices")
@@ -314,7 +406,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   b_sharding = batch_sharding(mesh)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, loss_cfg=config.loss),
+      functools.partial(train_step, model=model, tx=tx, loss_cfg=config.loss,
+                        accum_steps=int(config.train.accum_steps)),
       in_shardings=(shardings, b_sharding), out_shardings=(shardings, None),
       donate_argnums=(0,))
   evaluator = Evaluator(model, mesh, shardings.params, config)

@@ -15,6 +15,9 @@ Sections (--only, comma-separated; default: all, in this order):
           levels, 256 for small and medium; --optim_steps).
   model   the whole jitted train step (forward, backward, optimizer) of each
           --model_config, for each --model_optimizer, with its ratio to the adamw step.
+  accum   the train step of --accum_config at a large batch (--accum_batch) with
+          train.accum_steps = --accum_steps (gradient caching, all negatives kept)
+          against accum_steps = 1: step time and memory of each, and their ratios.
   input   examples/s delivered by the grain training pipeline from the feature cache of
           the generated demo corpus (under --data_dir) with 0 and 2 worker processes,
           against the demo train step's consumption at the same batch.
@@ -24,7 +27,8 @@ Flags:
   --json PATH             also write every figure (and the run's settings) to PATH
   --quick                 every section at small sizes (QUICK: memory T=256 d=128
                           batch 4, optim on the demo tree, model on demo with 1 repeat,
-                          input 50 batches, 3 repeats); flags given explicitly still win
+                          accum on demo at batch 64 with 1 repeat, input 50 batches,
+                          3 repeats); flags given explicitly still win
   --repeats N             timed runs per figure (median; default 5)
   --peak_n N              matmul size of `peak` (0: 8192 on a GPU, 2048 otherwise)
   --batch, --seq_len, --memory_width, --chunk_size, --sweep
@@ -40,6 +44,12 @@ Flags:
                           (default demo); the others use --model_batch, --model_overrides
   --model_batch N, --model_overrides K=V,..., --model_repeats N
   --model_optimizer A,B   model: adamw, sgd, dmgd, anderson (adamw, the 1.0x, always runs)
+  --accum_config NAME     accum: the config (default small)
+  --accum_batch N         accum: global batch of both rows (default 128, small's own)
+  --accum_steps K         accum: micro-batches of the accumulated row (default 8)
+  --accum_overrides K=V,..., --accum_repeats N
+                          accum: config overrides of both rows (default
+                          model.max_frames=400, as `model`), timed steps (default 3)
   --data_dir DIR          input: demo corpus and feature cache go here (default data/bench)
   --input_batches N       input: batches timed per worker setting (default 200)
   --step_examples_per_s X input: the train step's examples/s, if not measured in this run
@@ -48,6 +58,7 @@ Examples:
   python scripts/benchmark.py --quick --json quick.json
   python scripts/benchmark.py --only memory --seq_len 2048
   python scripts/benchmark.py --only model --model_config demo --model_optimizer dmgd,anderson
+  python scripts/benchmark.py --only accum --accum_batch 256 --accum_steps 16
   python scripts/benchmark.py --only input --step_examples_per_s 108
 
 Times are wall-clock seconds after compilation (median of --repeats runs, each ended by
@@ -89,7 +100,8 @@ NAN = float("nan")
 
 QUICK = dict(repeats=3, batch=4, seq_len=256, memory_width=128, sweep=[128, 256],
              hope_seq_lens=[256], hope_width=128,
-             optim_config="demo", model_config="demo", model_repeats=1, input_batches=50)
+             optim_config="demo", model_config="demo", model_repeats=1, input_batches=50,
+             accum_config="demo", accum_batch=64, accum_overrides=[], accum_repeats=1)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -477,14 +489,17 @@ def random_batch(cfg, batch_size: int) -> dict:
   return batch
 
 
-def measure_train_step(args, done: Done, name: str, dtype: str, optimizer: str) -> Row:
-  """The jitted train step of config `name` on all local devices (data-parallel mesh,
-  as in training): compile time, step time, examples/s, FLOPs and memory."""
+def run_train_step(cfg, batch_size: int, repeats: int, accum_steps: int = 1) -> Row:
+  """The job's jitted train step of `cfg` (`train.train_step`, accum_steps as given) on
+  all local devices (data-parallel mesh, as in training) at `batch_size` random rows:
+  the compiled step, compile seconds, XLA's memory analysis, the median step time over
+  `repeats` steps and the loss of the first step (from the initial state)."""
+  from nlmm_jax import config_lib
   from nlmm_jax import train
   from nlmm_jax.models import nlmm
   from nlmm_jax.optim import levels
 
-  cfg, batch_size = model_setup(args, name, dtype, optimizer)
+  config_lib.check_accum_steps(batch_size, accum_steps, len(jax.devices()))
   model = nlmm.build_model(cfg.model, cfg.loss)
   tx = levels.build_optimizer(cfg)
   mesh = train.make_mesh(cfg)
@@ -494,30 +509,45 @@ def measure_train_step(args, done: Done, name: str, dtype: str, optimizer: str) 
   state_sharding = train.state_sharding(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh)
   state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(0))
   n_params = nlmm.param_count(state.params)
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, loss_cfg=cfg.loss),
+  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, loss_cfg=cfg.loss,
+                                               accum_steps=accum_steps),
                  in_shardings=(state_sharding, data_sharding),
                  out_shardings=(state_sharding, None), donate_argnums=0)
   step, compile_s, mem = compile_timed(step, state, batch)
-  finite = []
+  metrics = []
 
   def run(s, b):
-    s, metrics = step(s, b)
-    finite.append(metrics["finite"])
+    s, m = step(s, b)
+    metrics.append(m)
     return s
 
-  times, state = carried_times(run, state, batch, steps=args.model_repeats)
-  if not all(bool(f) for f in finite):
+  times, state = carried_times(run, state, batch, steps=repeats)
+  if not all(bool(m["finite"]) for m in metrics):
     raise FloatingPointError("the benchmarked train step produced a non-finite loss")
-  sec = statistics.median(times)
+  return dict(compiled=step, params_m=n_params / 1e6, compile_s=compile_s,
+              step_s=statistics.median(times), loss=float(metrics[0]["loss"]), mem=mem)
+
+
+def measure_train_step(args, done: Done, name: str, dtype: str, optimizer: str) -> Row:
+  """The jitted train step of config `name` on all local devices (data-parallel mesh,
+  as in training): compile time, step time, examples/s, FLOPs and memory."""
+  cfg, batch_size = model_setup(args, name, dtype, optimizer)
+  r = run_train_step(cfg, batch_size, args.model_repeats)
+  sec, mem = r["step_s"], r["mem"]
   m = cfg.model
-  return dict(config=name, optimizer=optimizer, dtype=dtype, params_m=n_params / 1e6,
+  return dict(config=name, optimizer=optimizer, dtype=dtype, params_m=r["params_m"],
               batch=batch_size, text=m.max_text_len, patches=(m.image_size // m.patch_size) ** 2,
               frames=m.max_frames, form=m.memory.form, devices=len(jax.devices()),
-              compile_s=compile_s, step_s=sec, examples_per_s=batch_size / sec,
-              **throughput(step, sec, dtype, done),
+              compile_s=r["compile_s"], step_s=sec, examples_per_s=batch_size / sec,
+              **throughput(r["compiled"], sec, dtype, done),
               xla_total_gib=mem.get("total_mib", NAN) / 1024,
               device_peak_gib=device_peak_mib() / 1024,
-              host_peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+              host_peak_rss_gib=host_peak_rss_gib())
+
+
+def host_peak_rss_gib() -> float:
+  """The process's peak resident set so far (GiB; Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def bench_model(args, done: Done) -> List[Row]:
@@ -537,6 +567,49 @@ def bench_model(args, done: Done) -> List[Row]:
         r["vs_adamw"] = r["step_s"] / group[0]["step_s"]
       rows += group
       print_table(f"model: train step of {name}, {dtype} [{platform()}]", group)
+  return rows
+
+
+# ----------------------------------------------------------------------------- accum
+
+def bench_accum(args, done: Done) -> List[Row]:
+  """The train step of --accum_config at batch --accum_batch with train.accum_steps =
+  --accum_steps (gradient caching: the same loss and gradient from micro-batches of
+  batch / accum_steps rows, `train.compute_grads`) against accum_steps = 1 (the whole
+  batch at once). --accum_overrides apply to both; random inputs, full-length masks.
+
+  Memory as in `model`: XLA's compiled analysis (temp: the activations) and the device's
+  peak where reported. The device peak and the process's peak RSS only grow within a
+  process, so the accumulated step (expected smaller) runs first; the full-batch row's
+  peak is then its own. `loss` is the first step's (same state and batch in both rows:
+  they agree up to float rounding); `*_vs_1`: ratio to the accum_steps = 1 row.
+  """
+  from nlmm_jax import config_lib
+
+  rows = []
+  for dtype in dtypes():
+    group = []
+    for accum_steps in sorted({args.accum_steps, 1}, reverse=True):
+      cfg = config_lib.load_config(args.accum_config, args.accum_overrides)
+      cfg.model.dtype = dtype
+      cfg.train.accum_steps = accum_steps
+      r = run_train_step(cfg, args.accum_batch, args.accum_repeats, accum_steps)
+      sec, mem = r["step_s"], r["mem"]
+      group.append(dict(
+          config=args.accum_config, dtype=dtype, batch=args.accum_batch,
+          accum_steps=accum_steps, micro_batch=args.accum_batch // accum_steps,
+          params_m=r["params_m"], devices=len(jax.devices()), compile_s=r["compile_s"],
+          step_s=sec, examples_per_s=args.accum_batch / sec, loss=r["loss"],
+          xla_total_gib=mem.get("total_mib", NAN) / 1024,
+          xla_temp_gib=mem.get("temp_mib", NAN) / 1024,
+          device_peak_gib=device_peak_mib() / 1024, host_peak_rss_gib=host_peak_rss_gib()))
+    base = group[-1]
+    for r in group:
+      r["step_vs_1"] = r["step_s"] / base["step_s"]
+      r["temp_vs_1"] = r["xla_temp_gib"] / base["xla_temp_gib"]
+    print_table(f"accum: train step of {args.accum_config} at batch {args.accum_batch}, "
+                f"accum_steps {args.accum_steps} vs 1, {dtype} [{platform()}]", group)
+    rows += group
   return rows
 
 
@@ -621,6 +694,7 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace, Done], List[Row]]] = {
     "hope": bench_hope,
     "optim": bench_optim,
     "model": bench_model,
+    "accum": bench_accum,
     "input": bench_input,
 }
 
@@ -657,6 +731,11 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--model_batch", type=int, default=8)
   p.add_argument("--model_repeats", type=int, default=3)
   p.add_argument("--model_optimizer", type=csv(), default=["adamw"])
+  p.add_argument("--accum_config", default="small")
+  p.add_argument("--accum_batch", type=int, default=128, help="global batch of both rows")
+  p.add_argument("--accum_steps", type=int, default=8)
+  p.add_argument("--accum_overrides", type=csv(), default=["model.max_frames=400"])
+  p.add_argument("--accum_repeats", type=int, default=3)
   p.add_argument("--data_dir", default="data/bench")
   p.add_argument("--input_batches", type=int, default=200)
   p.add_argument("--step_examples_per_s", type=float, default=0.0)

@@ -58,3 +58,30 @@ def test_peak_memory_optim_figures(tmp_path):
     assert r["steps"] == 2
     for key in ("ms_per_step", "ms_max", "state_mib", "vs_adamw"):
       assert positive(r[key]), (key, r)
+
+
+def test_accum_figures(tmp_path):
+  """The accum section on the tiny demo model (tests/tiny_run.py, recurrent memories
+  for compile time) at batch 8, 4 micro-batches of 2 rows (one per device): the
+  accumulated row first, with the full batch's first-step loss (every negative kept).
+  Not asserted: less memory, which needs real sizes (here the micro-batch copies of the
+  inputs and the gradient carry outweigh the tiny activations)."""
+  from tiny_run import TINY_OVERRIDES  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "figures.json"
+  assert load_benchmark().main([
+      "--only", "accum", "--json", str(out), "--repeats", "1", "--peak_n", "128",
+      "--accum_config", "demo", "--accum_batch", "8", "--accum_steps", "4",
+      "--accum_repeats", "1", "--accum_overrides",
+      ",".join([o for o in TINY_OVERRIDES if not o.startswith("train.")]
+               + ["model.memory.form=recurrent"])]) == 0
+  figures = json.loads(out.read_text())
+  assert list(figures) == ["meta", "peak", "accum"]
+  rows = figures["accum"]
+  assert [(r["accum_steps"], r["micro_batch"], r["batch"]) for r in rows] == [(4, 2, 8),
+                                                                           (1, 8, 8)]
+  assert math.isclose(rows[0]["loss"], rows[1]["loss"], rel_tol=1e-5), rows
+  assert rows[1]["step_vs_1"] == rows[1]["temp_vs_1"] == 1.0
+  for r in rows:
+    for key in ("compile_s", "step_s", "examples_per_s", "xla_total_gib", "xla_temp_gib",
+                "step_vs_1", "temp_vs_1"):
+      assert positive(r[key]), (key, r)
