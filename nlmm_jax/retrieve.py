@@ -15,7 +15,8 @@
   --k           how many results (default 5)
   --step        best (by dev rsum_all, the default) | latest | a step number
   --output      the PNG grid (default retrieval.png; --output "" writes none)
-  --data_root   the corpus, when it is no longer where the checkpoint's config says
+  --data_root   the corpus, when it is no longer where the checkpoint's config says (a
+                Flickr8k root, or for data.name=manifest the manifest file)
 
 Output: the top k with rank, cosine score and the item (an image path, a caption with its
 image id, or a WAV path with its transcript), `[correct]` after the items that show the
@@ -46,6 +47,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from nlmm_jax.data import corpus
 from nlmm_jax.data import features
 from nlmm_jax.data import flickr8k
 
@@ -360,12 +362,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _load_split(config, data_root: Optional[str], split: str):
-  root = os.path.abspath(os.path.expanduser(data_root or config.data.root))
-  where = "--data_root" if data_root else "the checkpoint's config (data.root)"
+  key = "data.manifest" if config.data.name == "manifest" else "data.root"
+  where = "--data_root" if data_root else f"the checkpoint's config ({key})"
   try:
-    index = flickr8k.load_index(root, use_audio=bool(config.data.use_audio),
-                                max_lost_fraction=float(config.data.max_lost_fraction))
-  except flickr8k.DataError as e:
+    root = corpus.corpus_path(config.data, data_root)
+    index = corpus.load_index(config.data, root)
+  except ValueError as e:  # flickr8k.DataError, or config_lib.check_data's
     hint = "" if data_root else " Pass --data_root if the corpus has moved."
     raise RetrievalError(f"the corpus from {where} is unusable: {e}{hint}") from e
   return root, index
@@ -384,7 +386,8 @@ def run(args: argparse.Namespace, out=None, log=None) -> dict:
   root, index = _load_split(model.config, args.data_root, args.split)
   if args.target == "audio" and not index.has_audio:
     raise RetrievalError(f"--target audio: the corpus {root} has no spoken captions "
-                         f"({flickr8k.AUDIO_DIR}/), or the checkpoint was trained without")
+                         f"({flickr8k.AUDIO_DIR}/, or no \"audio\" in its manifest), or "
+                         "the checkpoint was trained without")
   examples = index.splits[args.split].examples
   items = gallery_items(examples, args.target)
   gallery, reused, path = load_or_build_gallery(model, args.workdir, args.split,

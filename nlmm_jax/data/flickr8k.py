@@ -262,20 +262,38 @@ def check_wav(path: str) -> Optional[str]:
     return f"unreadable wav ({type(e).__name__}: {e})"
 
 
-def _check_all(fn, paths: list[str], num_threads: int) -> dict[str, Optional[str]]:
+def check_files(fn, paths: list[str], num_threads: int) -> dict[str, Optional[str]]:
+  """{path: fn(path)} over `num_threads` threads (fn: `check_image` or `check_wav`)."""
   if not paths:
     return {}
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     return dict(zip(paths, pool.map(fn, paths)))
 
 
-def _report_file(report_path: Optional[str]) -> Optional[str]:
+def _report_file(report_path, default_name: str) -> Optional[str]:
   if report_path is None:
     return None
   report_path = os.fspath(report_path)
   if os.path.isdir(report_path) or not report_path.endswith(".json"):
-    return os.path.join(report_path, REPORT_NAME)
+    return os.path.join(report_path, default_name)
   return report_path
+
+
+def write_report(report: dict, report_path, default_name: str = REPORT_NAME
+                 ) -> Optional[str]:
+  """Writes the loss report as JSON to `report_path` (a file ending in .json, or a folder
+  to hold `default_name`) and records it as `report["report_file"]`; None writes none.
+  Returns the file written (or None)."""
+  report_file = _report_file(report_path, default_name)
+  if report_file:
+    os.makedirs(os.path.dirname(report_file) or ".", exist_ok=True)
+    # Written whole, then renamed: processes of one job index the same root at once.
+    tmp = f"{report_file}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(report, f, indent=1)
+    os.replace(tmp, report_file)
+    report["report_file"] = report_file
+  return report_file
 
 
 def load_index(root, use_audio: bool = True, max_lost_fraction: float = 0.01,
@@ -335,7 +353,7 @@ def load_index(root, use_audio: bool = True, max_lost_fraction: float = 0.01,
         lost_images[split].append(dict(image_id=stem, path=path, reason="missing image file"))
       else:
         to_check.append(path)
-  image_errors = _check_all(check_image, to_check, num_threads)
+  image_errors = check_files(check_image, to_check, num_threads)
   bad_images = set()
   for split in SPLITS:
     for stem in listed[split]:
@@ -363,7 +381,7 @@ def load_index(root, use_audio: bool = True, max_lost_fraction: float = 0.01,
       wav_of[(stem, k)] = path
       if name not in wav_names:
         wav_errors[path] = "missing wav file"
-    wav_errors.update({p: e for p, e in _check_all(
+    wav_errors.update({p: e for p, e in check_files(
         check_wav, [p for p in wav_of.values() if p not in wav_errors], num_threads).items()
                        if e})
 
@@ -408,15 +426,7 @@ def load_index(root, use_audio: bool = True, max_lost_fraction: float = 0.01,
       has_audio=layout.audio_dir is not None, max_lost_fraction=max_lost_fraction,
       counts=counts, lost_images=lost_images, lost_clips=lost_clips,
       unmatched_lines=unmatched, removed_files=removed)
-  report_file = _report_file(report_path)
-  if report_file:
-    os.makedirs(os.path.dirname(report_file) or ".", exist_ok=True)
-    # Written whole, then renamed: processes of one job index the same root at once.
-    tmp = f"{report_file}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(report, f, indent=1)
-    os.replace(tmp, report_file)
-    report["report_file"] = report_file
+  report_file = write_report(report, report_path)
 
   n_unmatched = sum(len(v) for v in unmatched.values())
   if removed or n_unmatched:
@@ -466,23 +476,31 @@ def format_report(report: dict, max_items: int = 20) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description="Check a Flickr8k (+ FACC) root.")
-  parser.add_argument("--root", required=True)
-  parser.add_argument("--no_audio", action="store_true", help="ignore flickr_audio/")
+def check_cli(argv, *, description: str, path_flag: str, load, describe) -> int:
+  """The corpus-checking command line shared by the readers: index the corpus at
+  --<path_flag> with `load`, print `describe(report)`; 1 (the report and the error, no
+  traceback) when the index is refused."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument(f"--{path_flag}", required=True)
+  parser.add_argument("--no_audio", action="store_true", help="ignore the recordings")
   parser.add_argument("--max_lost_fraction", type=float, default=0.01)
   parser.add_argument("--report", default=None, help="write the JSON report here")
   args = parser.parse_args(argv)
   try:
-    index = load_index(args.root, use_audio=not args.no_audio,
-                       max_lost_fraction=args.max_lost_fraction, report_path=args.report)
+    index = load(getattr(args, path_flag), use_audio=not args.no_audio,
+                 max_lost_fraction=args.max_lost_fraction, report_path=args.report)
   except DataError as e:
     if e.report:
-      print(format_report(e.report))
+      print(describe(e.report))
     print(f"ERROR: {e}", file=sys.stderr)
     return 1
-  print(format_report(index.report))
+  print(describe(index.report))
   return 0
+
+
+def main(argv=None) -> int:
+  return check_cli(argv, description="Check a Flickr8k (+ FACC) root.", path_flag="root",
+                   load=load_index, describe=format_report)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from nlmm_jax.data import cache as cache_lib
+from nlmm_jax.data import corpus
 from nlmm_jax.data import features
 from nlmm_jax.data import flickr8k
 from nlmm_jax.data import tokenizer as tokenizer_lib
@@ -57,10 +58,11 @@ def _corpus_present(root: str, use_audio: bool) -> bool:
 
 
 def prepare(config) -> DataHandle:
-  """Generates the demo corpus if needed, indexes the corpus, builds or reuses the cache."""
+  """Generates the demo corpus if needed, indexes the corpus (`corpus.load_index`: a
+  Flickr8k root or a manifest, by data.name), builds or reuses the cache."""
   d = config.data
   cache_lib.check_verify(d.get("cache_verify", "stat"))  # before the slow steps
-  root = os.path.abspath(os.path.expanduser(d.root))
+  root = corpus.corpus_path(d)  # checks data.name (and data.manifest)
   if d.name == "demo":
     from nlmm_jax.data import demo  # pylint: disable=g-import-not-at-top
     made_by_demo = os.path.isfile(os.path.join(root, demo.MARKER))
@@ -72,8 +74,7 @@ def prepare(config) -> DataHandle:
       demo.generate(root, d.demo_num_images, d.demo_seed)
   report_path = cache_lib.index_report_path(d.cache_dir, root)
   os.makedirs(os.path.dirname(report_path), exist_ok=True)
-  index = flickr8k.load_index(root, use_audio=d.use_audio,
-                              max_lost_fraction=d.max_lost_fraction, report_path=report_path)
+  index = corpus.load_index(d, root, report_path=report_path)
   handle = cache_lib.build_cache(index, config)
   has_audio = bool(d.use_audio) and handle.has_audio
   train_records = {}
