@@ -160,7 +160,7 @@ def memory_recurrent(q: Array, k: Array, v: Array, beta: Optional[Array] = None,
   return y * m[..., None]
 
 
-def _unit_lower_inverse(a: Array) -> Array:
+def unit_lower_inverse(a: Array) -> Array:
   """(I + A)^{-1} for strictly lower-triangular A [..., C, C], by blocked substitution.
 
   Recursive 2x2 blocks: inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]],
@@ -172,8 +172,8 @@ def _unit_lower_inverse(a: Array) -> Array:
   if c == 1:
     return jnp.ones_like(a)
   h = c // 2
-  x11 = _unit_lower_inverse(a[..., :h, :h])
-  x22 = _unit_lower_inverse(a[..., h:, h:])
+  x11 = unit_lower_inverse(a[..., :h, :h])
+  x22 = unit_lower_inverse(a[..., h:, h:])
   x21 = -jnp.einsum("...ij,...jk,...kl->...il", x22, a[..., h:, :h], x11,
                     precision=HIGHEST)
   top = jnp.concatenate([x11, jnp.zeros(a.shape[:-2] + (h, c - h), a.dtype)], axis=-1)
@@ -240,7 +240,7 @@ def memory_chunked(q: Array, k: Array, v: Array, beta: Optional[Array] = None,
     a_mat = jnp.where(strict, beta[..., :, None] * kk, 0.0)   # A, strictly lower
     rhs = jnp.concatenate(
         [beta[..., None] * v, (beta * jnp.exp(big_g))[..., None] * k], axis=-1)
-    sol = ein_state("bhnij,bhnjd->bhnid", _unit_lower_inverse(a_mat), rhs)
+    sol = ein_state("bhnij,bhnjd->bhnid", unit_lower_inverse(a_mat), rhs)
     u, w = sol[..., :ev], sol[..., ev:]               # U = T V, W = T diag(gamma) K
   else:
     u, w = v, None

@@ -52,7 +52,7 @@ Two forms of one contract:
     k_j^T u_j, where the rows u solve the unit lower-triangular system
       u_i + eta_i sum_{j<i} (gamma_{i-1}/gamma_j) (k_i . k_j) u_j
           = -eta_i (gamma_{i-1} k_i W_0 + d_i)
-    (one triangular solve per chunk instead of C sequential steps). C = 1 is the
+    (one triangular inverse per chunk instead of C sequential steps). C = 1 is the
     recurrent form; C > 1 trades the within-chunk gradients for parallel work.
     Chunks are C consecutive tokens from the first one (the last one padded), so a
     token's chunk does not depend on how much padding follows the sequence.
@@ -196,8 +196,10 @@ def dgd_chunk(w0: Array, k: Array, d: Array, eta: Array, log_alpha: Array) -> Ar
   a = jnp.where(lower, eta[..., :, None] * jnp.exp(gap) * gram, 0.0)       # [B, H, C, C]
   read = jnp.einsum("bhce,bhen->bhcn", k, w0, precision=HIGHEST)
   r = -eta[..., None] * (jnp.exp(log_prev)[..., None] * read + d)          # [B, H, C, n]
-  u = jax.lax.linalg.triangular_solve(a + jnp.eye(c), r, left_side=True, lower=True,
-                                      unit_diagonal=True)
+  # The fast-weight memory's matmul-only inverse: XLA's CPU triangular solve inside a
+  # scan stalled a 2-device training run here (all threads waiting, no progress).
+  u = jnp.einsum("bhij,bhjn->bhin", fast_weights.unit_lower_inverse(a), r,
+                 precision=HIGHEST)
   tail = jnp.exp(log_gamma[..., -1:] - log_gamma)      # gamma_C / gamma_j
   return jnp.exp(log_gamma[..., -1])[..., None, None] * w0 + jnp.einsum(
       "bhce,bhcn->bhen", k * tail[..., None], u, precision=HIGHEST)
