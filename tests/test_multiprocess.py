@@ -15,6 +15,8 @@ import pytest
 
 from tiny_run import tiny_overrides  # pylint: disable=g-bad-import-order
 
+pytestmark = pytest.mark.slow   # two processes per run: `pytest -m slow`
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 

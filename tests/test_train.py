@@ -201,6 +201,7 @@ def _final_params(workdir):
   return step, mngr.restore(step)["state"]["params"]
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(corpus, tmp_path):
   """4 steps straight == 2 steps, SIGKILL, resume; then a kill inside the async save of
   step 4 (the torn checkpoint is ignored) and a second resume.
