@@ -403,7 +403,9 @@ SHRINK = ["model.image_size=32", "model.max_frames=64", "model.max_text_len=16",
                          + [("demo", "hope"), ("demo", "attention")])
 def test_config_trains_on_two_device_mesh(name, block):
   """Real widths/heads/vocab, small inputs and depth: forward+backward under jit, sharded."""
-  c = config_lib.load_config(name, SHRINK + [f"model.block={block}"])
+  # The HOPE memory likewise as its recurrent oracle (tests/test_titans.py ties the forms).
+  hope_form = ["model.hope.form=recurrent"] if block == "hope" else []
+  c = config_lib.load_config(name, SHRINK + hope_form + [f"model.block={block}"])
   full = config_lib.load_config(name)
   assert (c.model.width, c.model.heads) == (full.model.width, full.model.heads)
   model = nlmm.build_model(c.model, c.loss)
