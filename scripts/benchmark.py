@@ -489,8 +489,8 @@ def random_batch(cfg, batch_size: int) -> dict:
   return batch
 
 
-def run_train_step(cfg, batch_size: int, repeats: int, accum_steps: int = 1) -> Row:
-  """The job's jitted train step of `cfg` (`train.train_step`, accum_steps as given) on
+def run_train_step(cfg, batch_size: int, repeats: int) -> Row:
+  """The job's jitted train step of `cfg` (`train.train_step`, cfg.train.accum_steps) on
   all local devices (data-parallel mesh, as in training) at `batch_size` random rows:
   the compiled step, compile seconds, XLA's memory analysis, the median step time over
   `repeats` steps and the loss of the first step (from the initial state)."""
@@ -499,6 +499,7 @@ def run_train_step(cfg, batch_size: int, repeats: int, accum_steps: int = 1) -> 
   from nlmm_jax.models import nlmm
   from nlmm_jax.optim import levels
 
+  accum_steps = int(cfg.train.accum_steps)
   config_lib.check_accum_steps(batch_size, accum_steps, len(jax.devices()))
   model = nlmm.build_model(cfg.model, cfg.loss)
   tx = levels.build_optimizer(cfg)
@@ -593,7 +594,7 @@ def bench_accum(args, done: Done) -> List[Row]:
       cfg = config_lib.load_config(args.accum_config, args.accum_overrides)
       cfg.model.dtype = dtype
       cfg.train.accum_steps = accum_steps
-      r = run_train_step(cfg, args.accum_batch, args.accum_repeats, accum_steps)
+      r = run_train_step(cfg, args.accum_batch, args.accum_repeats)
       sec, mem = r["step_s"], r["mem"]
       group.append(dict(
           config=args.accum_config, dtype=dtype, batch=args.accum_batch,
