@@ -126,9 +126,21 @@ def data_config() -> ConfigDict:
   d = ConfigDict()
   d.name = "demo"                    # "demo" (generated, Flickr8k layout) | "flickr8k"
                                      # | "manifest" (your own corpus: `data.manifest`)
+                                     # | "tfds:<name>" (a prepared TFDS image-text set)
   d.root = "data/demo_corpus"        # a Flickr8k + FACC root (any accepted layout)
   d.manifest = ""                    # data.name="manifest": a JSONL file, one image per
                                      # line (format: nlmm_jax/data/manifest.py)
+  # data.name="tfds:<name>" (nlmm_jax/data/tfds_source.py): image-text only.
+  d.tfds_data_dir = ""               # the TFDS data dir ("": $TFDS_DATA_DIR or
+                                     # ~/tensorflow_datasets)
+  d.tfds_splits = ConfigDict(dict(train="train", dev="val", test="test"))  # -> TFDS splits
+  d.tfds_image_key = "image"
+  d.tfds_caption_key = "captions/text"  # "/" into nested features; a string or strings
+  d.tfds_id_key = ""                 # a feature naming the image; "": "<split>[<i>]"
+  # Several corpora (nlmm_jax/data/mixture.py): entries such as
+  # dict(name="manifest", manifest="m.jsonl", weight=2.0, label="mine"), each overriding
+  # keys of this section for one corpus; weighted sampling, evaluation per corpus.
+  d.mixture = ()
   d.cache_dir = "data/cache"         # preprocessed TFDS/ArrayRecord cache
   d.cache_verify = "stat"            # what keys the cache per media file: "stat" (size +
                                      # mtime) | "hash" (sha256 of the bytes; reads them all)
@@ -150,14 +162,22 @@ def data_config() -> ConfigDict:
   return d
 
 
-DATA_NAMES = ("demo", "flickr8k", "manifest")
+DATA_NAMES = ("demo", "flickr8k", "manifest", "tfds:<name>")
+TFDS_PREFIX = "tfds:"
+
+
+def check_data_name(name) -> None:
+  """Raises ValueError when `name` is not a corpus kind of DATA_NAMES."""
+  if not (name in DATA_NAMES[:3] or (isinstance(name, str) and name.startswith(TFDS_PREFIX)
+                                      and name[len(TFDS_PREFIX):].strip())):
+    raise ValueError(f"data.name must be one of {DATA_NAMES} (e.g. tfds:coco_captions), "
+                     f"got {name!r}")
 
 
 def check_data(data: ConfigDict) -> None:
   """Raises ValueError, naming the key, when `data.name` is unknown or, for
   `data.name="manifest"`, when `data.manifest` is unset or names no file."""
-  if data.name not in DATA_NAMES:
-    raise ValueError(f"data.name must be one of {DATA_NAMES}, got {data.name!r}")
+  check_data_name(data.name)
   if data.name != "manifest":
     return
   path = data.get("manifest") or ""

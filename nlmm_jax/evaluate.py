@@ -140,3 +140,15 @@ def embed_all(embed_fn: Callable[[str, dict], np.ndarray],
     if progress:
       progress(f"embedded {len(ids[modality])} {modality} items")
   return embs, ids
+
+
+def mean_over_corpora(per_corpus: Mapping[str, dict]) -> dict:
+  """A mixture's metrics: {metric: unweighted mean over the corpora} for every numeric
+  metric all corpora report (so directions that only some have are not averaged), plus
+  "per_corpus": {label: that corpus's metrics}."""
+  shared = set.intersection(*(set(m) for m in per_corpus.values()))
+  out = {k: float(np.mean([m[k] for m in per_corpus.values()])) for k in sorted(shared)
+         if not k.endswith("_num_queries")
+         and all(isinstance(m[k], (int, float)) for m in per_corpus.values())}
+  out["per_corpus"] = {label: dict(m) for label, m in per_corpus.items()}
+  return out

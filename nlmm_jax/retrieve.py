@@ -17,6 +17,10 @@
   --output      the PNG grid (default retrieval.png; --output "" writes none)
   --data_root   the corpus, when it is no longer where the checkpoint's config says (a
                 Flickr8k root, or for data.name=manifest the manifest file)
+  --corpus      for a model trained on a mixture (data.mixture): the label of the corpus
+                to search (required then; the error lists the labels)
+TFDS corpora (data.name="tfds:<name>") hold no image files to show: search them from
+Python (`nlmm_jax.api`).
 
 Output: the top k with rank, cosine score and the item (an image path, a caption with its
 image id, or a WAV path with its transcript), `[correct]` after the items that show the
@@ -339,6 +343,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--step", default="best", help="best | latest | a step number")
   p.add_argument("--output", default="retrieval.png", help='PNG grid ("" for none)')
   p.add_argument("--data_root", help="the corpus (default: the checkpoint config's)")
+  p.add_argument("--corpus", help="a mixture's corpus (its label) to search")
   args = p.parse_args(argv)
   if args.k < 1:
     raise RetrievalError(f"--k must be at least 1, got {args.k}")
@@ -359,6 +364,23 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   if not os.path.exists(args.workdir):
     raise RetrievalError(f"--workdir {args.workdir!r} does not exist")
   return args
+
+
+def _corpus_config(config, label: Optional[str]):
+  """The config of the corpus to search: the model's own, or for a mixture the entry
+  `label` names (`mixture.component_configs`)."""
+  if not config.data.get("mixture"):
+    if label:
+      raise RetrievalError(f"--corpus {label!r}: this model was trained on one corpus "
+                           f"(data.name={config.data.name!r}); leave --corpus out")
+    return config
+  from nlmm_jax.data import mixture  # pylint: disable=g-import-not-at-top
+  parts = {l: c for l, _, c in mixture.component_configs(config)}
+  if label not in parts:
+    given = f"--corpus {label!r} is not one of them" if label else "pass --corpus LABEL"
+    raise RetrievalError(f"this model was trained on a mixture of {sorted(parts)}: "
+                         f"{given}")
+  return parts[label]
 
 
 def _load_split(config, data_root: Optional[str], split: str):
@@ -383,7 +405,8 @@ def run(args: argparse.Namespace, out=None, log=None) -> dict:
   out = out or sys.stdout
   log = log or sys.stderr
   model = load_model(args.workdir, args.step)
-  root, index = _load_split(model.config, args.data_root, args.split)
+  root, index = _load_split(_corpus_config(model.config, args.corpus), args.data_root,
+                            args.split)
   if args.target == "audio" and not index.has_audio:
     raise RetrievalError(f"--target audio: the corpus {root} has no spoken captions "
                          f"({flickr8k.AUDIO_DIR}/, or no \"audio\" in its manifest), or "

@@ -261,6 +261,14 @@ class Evaluator:
     return {k: np.asarray(batch[k])[i * rows:(i + 1) * rows] for k in keys}
 
   def __call__(self, params, data_handle, split: str) -> dict:
+    """Metrics of `split`; for a mixture, each corpus's under "per_corpus" and their
+    unweighted mean at top level (`evaluate.mean_over_corpora`)."""
+    if isinstance(data_handle, pipeline.MixtureHandle):
+      return evaluate.mean_over_corpora({c.label: self._one(params, c.handle, split)
+                                         for c in data_handle.components})
+    return self._one(params, data_handle, split)
+
+  def _one(self, params, data_handle: pipeline.DataHandle, split: str) -> dict:
     iters = pipeline.eval_iterators(data_handle, self.config, split)
     sources = {"image": iters.images, "text": iters.captions}
     if getattr(data_handle, "has_audio", False):
@@ -305,6 +313,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
       out[key] = v
     else:
       out[key] = str(v)
+  return out
+
+
+def eval_scalars(split: str, metrics: dict) -> dict:
+  """{"eval_<split>/<metric>": value}, and "eval_<split>/<corpus>/<metric>" for each
+  corpus of a mixture's "per_corpus"."""
+  out = {f"eval_{split}/{k}": v for k, v in metrics.items() if k != "per_corpus"}
+  for label, per in metrics.get("per_corpus", {}).items():
+    out.update({f"eval_{split}/{label}/{k}": v for k, v in per.items()})
   return out
 
 
@@ -490,7 +507,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"eval {split} at step {at_step}: {e} This state was not saved. Last good "
           f"checkpoint: {last_good()}.") from None
     metrics["eval_seconds"] = time.time() - t0
-    writer.write_scalars(at_step, {f"eval_{split}/{k}": v for k, v in metrics.items()})
+    writer.write_scalars(at_step, eval_scalars(split, metrics))
     if is_main:
       nl_logging.append_jsonl(os.path.join(workdir, nl_logging.EVAL_JSONL),
                               {"step": at_step, "split": split, **metrics})

@@ -24,3 +24,26 @@ def tiny_config(root, cache, **train_overrides):
   for k, v in train_overrides.items():
     c.train[k] = v
   return c
+
+
+def train_two_then_four(config, workdir, caplog):
+  """Trains `config` to step 2, then on to 4 in the same workdir, checking that the second
+  run resumed from the step-2 checkpoint and that every logged step's loss is finite.
+  Returns (the final test metrics, the rows of train_metrics.jsonl); `caplog` holds the
+  absl log of both runs."""
+  import json  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  import math  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  from nlmm_jax import train  # pylint: disable=g-import-not-at-top
+  with caplog.at_level(logging.INFO, logger="absl"):
+    config.train.total_steps = 2
+    train.train_and_evaluate(config, str(workdir))
+    config.train.total_steps = 4
+    test_metrics = train.train_and_evaluate(config, str(workdir))
+  assert re.search(r"Resumed from \S*checkpoints step 2", caplog.text)
+  with open(f"{workdir}/train_metrics.jsonl") as f:
+    lines = [json.loads(l) for l in f]
+  assert [r["step"] for r in lines] == [1, 2, 3, 4]
+  assert all(math.isfinite(r["train/loss"]) for r in lines)
+  return test_metrics, lines

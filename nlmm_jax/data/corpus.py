@@ -4,6 +4,7 @@
   "demo"       data.root         flickr8k.load_index (pipeline.prepare generates it first)
   "flickr8k"   data.root         flickr8k.load_index
   "manifest"   data.manifest     manifest.load_index (a JSONL file, see data/manifest.py)
+  "tfds:<name>"  no path: data/tfds_source.py reads it (pipeline.prepare dispatches)
 
 Both readers return a `flickr8k.Flickr8kIndex`, so everything downstream (feature cache,
 grain pipeline, retrieval) is the same for every corpus.
@@ -23,8 +24,12 @@ def corpus_path(data, override: Optional[str] = None) -> str:
   if override is None:
     config_lib.check_data(data)
     override = data.manifest if data.name == "manifest" else data.root
-  elif data.name not in config_lib.DATA_NAMES:
-    config_lib.check_data(data)  # raises: unknown name
+  else:
+    config_lib.check_data_name(data.name)
+  if data.name.startswith(config_lib.TFDS_PREFIX):
+    raise ValueError(f"data.name={data.name!r} is a TFDS dataset, read through "
+                     "tfds.data_source (nlmm_jax/data/tfds_source.py), not from a path of "
+                     "image and audio files")
   return os.path.abspath(os.path.expanduser(os.fspath(override)))
 
 

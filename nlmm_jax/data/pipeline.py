@@ -31,6 +31,7 @@ from nlmm_jax.data import cache as cache_lib
 from nlmm_jax.data import corpus
 from nlmm_jax.data import features
 from nlmm_jax.data import flickr8k
+from nlmm_jax.data import tfds_source
 from nlmm_jax.data import tokenizer as tokenizer_lib
 
 
@@ -57,11 +58,18 @@ def _corpus_present(root: str, use_audio: bool) -> bool:
   return True
 
 
-def prepare(config) -> DataHandle:
+def prepare(config):
   """Generates the demo corpus if needed, indexes the corpus (`corpus.load_index`: a
-  Flickr8k root or a manifest, by data.name), builds or reuses the cache."""
+  Flickr8k root or a manifest, by data.name), builds or reuses the cache. A TFDS corpus
+  (data.name="tfds:<name>") is indexed by `tfds_source`, a mixture (data.mixture) by
+  `mixture.prepare` (a `MixtureHandle`)."""
   d = config.data
+  if d.get("mixture"):
+    from nlmm_jax.data import mixture  # pylint: disable=g-import-not-at-top  (imports us)
+    return mixture.prepare(config)
   cache_lib.check_verify(d.get("cache_verify", "stat"))  # before the slow steps
+  if tfds_source.is_tfds(d.name):
+    return _prepare_tfds(config)
   root = corpus.corpus_path(d)  # checks data.name (and data.manifest)
   if d.name == "demo":
     from nlmm_jax.data import demo  # pylint: disable=g-import-not-at-top
@@ -87,6 +95,34 @@ def prepare(config) -> DataHandle:
   return DataHandle(index=index, cache=handle, tokenizer=handle.tokenizer,
                     has_audio=has_audio, num_images=dict(handle.counts),
                     train_records=train_records)
+
+
+def _prepare_tfds(config) -> DataHandle:
+  d = config.data
+  report_path = os.path.join(os.path.abspath(d.cache_dir), "index_reports",
+                             d.name.replace("/", "_").replace(":", "_") + ".json")
+  handle = tfds_source.prepare(config, report_path=report_path)
+  logging.info("%s is image-text only: the audio losses and the audio retrieval "
+               "directions are off. Images: %s.", d.name, handle.counts)
+  return DataHandle(index=handle.index, cache=handle, tokenizer=handle.tokenizer,
+                    has_audio=False, num_images=dict(handle.counts),
+                    train_records={n: list(range(c)) for n, c in handle.counts.items()})
+
+
+@dataclasses.dataclass
+class Component:
+  """One corpus of a mixture."""
+  label: str                         # names it in logs, metrics and eval files
+  weight: float                      # its share of the training examples (normalised)
+  handle: DataHandle
+
+
+@dataclasses.dataclass
+class MixtureHandle:
+  """Several prepared corpora sharing one tokenizer (`mixture.prepare`)."""
+  components: list                   # [Component]
+  tokenizer: tokenizer_lib.Tokenizer
+  has_audio: bool                    # all components have audio (else none uses it)
 
 
 # ----------------------------------------------------------------------------- training
@@ -153,18 +189,25 @@ def _read_options(config) -> grain.ReadOptions:
                            prefetch_buffer_size=max(1, int(config.data.prefetch)))
 
 
-def steps_per_epoch(handle: DataHandle, config) -> int:
-  """Training steps that see each usable training image once (at least 1)."""
-  return max(1, len(handle.train_records["train"]) // int(config.train.batch_size))
+def steps_per_epoch(handle, config) -> int:
+  """Training steps that see each usable training image once (at least 1; a mixture's
+  epoch is as many examples as its corpora's training images together)."""
+  handles = ([c.handle for c in handle.components] if isinstance(handle, MixtureHandle)
+             else [handle])
+  images = sum(len(h.train_records["train"]) for h in handles)
+  return max(1, images // int(config.train.batch_size))
 
 
-def train_iterator(handle: DataHandle, config, *, seed: int, process_index: int = 0,
+def train_iterator(handle, config, *, seed: int, process_index: int = 0,
                    process_count: int = 1, split: str = "train"):
   """Infinite iterator of this process's local batches (a grain DatasetIterator).
 
   The global batch (train.batch_size) is split evenly over processes; each epoch is a
   fresh permutation (from `seed` and the epoch) cut into `process_count` disjoint,
   equal shards (the n % process_count images left over change from epoch to epoch).
+  A mixture (`MixtureHandle`) interleaves its corpora's streams in proportion to their
+  weights (`grain.MapDataset.mix`, a fixed pattern), each corpus with its own seed; the
+  iterator's state (one position) resumes it exactly.
   """
   global_bs = int(config.train.batch_size)
   if global_bs % process_count:
@@ -173,6 +216,30 @@ def train_iterator(handle: DataHandle, config, *, seed: int, process_index: int 
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside [0, {process_count})")
   local_bs = global_bs // process_count
+  if isinstance(handle, MixtureHandle):
+    parts = [_train_examples(c.handle, config, seed=int(seed) + 7919 * i,
+                             process_index=process_index, process_count=process_count,
+                             split=split, use_audio=handle.has_audio)
+             for i, c in enumerate(handle.components)]
+    ds = grain.MapDataset.mix(parts, [c.weight for c in handle.components])
+  else:
+    ds = _train_examples(handle, config, seed=seed, process_index=process_index,
+                         process_count=process_count, split=split,
+                         use_audio=handle.has_audio)
+  ds = ds.batch(local_bs, drop_remainder=True)
+  it_ds = ds.to_iter_dataset(_read_options(config))
+  if int(config.data.num_workers) > 0:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain 0.2.18 workers read absl flags (grain #1355)
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(config.data.num_workers),
+        per_worker_buffer_size=max(1, int(config.data.prefetch))))
+  return iter(it_ds)
+
+
+def _train_examples(handle: DataHandle, config, *, seed: int, process_index: int,
+                    process_count: int, split: str, use_audio: bool) -> grain.MapDataset:
+  """This process's infinite stream of single training examples of one corpus."""
   records = handle.train_records[split]
   per_process = len(records) // process_count
   if per_process == 0:
@@ -184,19 +251,10 @@ def train_iterator(handle: DataHandle, config, *, seed: int, process_index: int 
   ds = ds.shuffle(seed=seed)
   ds = ds[:per_process * process_count][process_index::process_count]
   ds = ds.repeat(None)  # the shuffle is reseeded each epoch
-  ds = ds.map_with_index(TrainExample(
+  return ds.map_with_index(TrainExample(
       tokenizer=handle.tokenizer, image_size=int(m.image_size),
       max_text_len=int(m.max_text_len), max_frames=int(m.max_frames),
-      use_audio=handle.has_audio, seed=seed, epoch_length=per_process))
-  ds = ds.batch(local_bs, drop_remainder=True)
-  it_ds = ds.to_iter_dataset(_read_options(config))
-  if int(config.data.num_workers) > 0:
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()  # grain 0.2.18 workers read absl flags (grain #1355)
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(config.data.num_workers),
-        per_worker_buffer_size=max(1, int(config.data.prefetch))))
-  return iter(it_ds)
+      use_audio=use_audio, seed=seed, epoch_length=per_process))
 
 
 # ----------------------------------------------------------------------------- eval
