@@ -7,6 +7,16 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent compilation cache for the session, empty at its start, shared with the
+# processes the tests start (CLI runs, notebook kernels, multi-process jobs): most tests
+# compile the same tiny model, and a train-then-resume test compiled its step twice
+# (69 s -> 29 s measured for one such test with the cache warm).
+_OWN_JAX_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile  # noqa: E402
+  _OWN_JAX_CACHE = tempfile.mkdtemp(prefix="nlmm_test_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_JAX_CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
 
 from absl import flags  # noqa: E402
 
@@ -20,6 +30,13 @@ jax.config.update("jax_enable_x64", False)
 import pytest  # noqa: E402
 
 import tiny_run  # noqa: E402  pylint: disable=g-bad-import-order
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _OWN_JAX_CACHE is not None:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(_OWN_JAX_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
