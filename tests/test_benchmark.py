@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from script_loader import load_script  # pylint: disable=g-bad-import-order
 
 
@@ -60,6 +62,7 @@ def test_peak_memory_optim_figures(tmp_path):
       assert positive(r[key]), (key, r)
 
 
+@pytest.mark.slow  # two compiles of the demo train step: the slow tier (CI runs it)
 def test_accum_figures(tmp_path):
   """The accum section on the tiny demo model (tests/tiny_run.py, recurrent memories
   for compile time) at batch 8, 4 micro-batches of 2 rows (one per device): the

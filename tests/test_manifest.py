@@ -415,6 +415,7 @@ def test_readme_format_example_parses():
   assert len(items) == 2 and items[0]["audio"][1] is None and items[1]["id"] == "beach"
 
 
+@pytest.mark.slow  # three processes, one training run: the slow tier (CI runs it)
 def test_readme_worked_example_runs_as_written(tmp_path):
   """The README's commands, verbatim, in a folder holding a fake data/flickr8k (with
   FACC) and a link to the clone's scripts/. The training command gets the tiny test

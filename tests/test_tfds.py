@@ -5,6 +5,7 @@
 import json
 import logging
 import os
+import pickle
 import re
 
 import numpy as np
@@ -55,6 +56,10 @@ def test_records_follow_the_mocked_dataset(tmp_path, caplog):
     from nlmm_jax.data import features  # pylint: disable=g-import-not-at-top
     np.testing.assert_array_equal(src[3]["image"],
                                   features.image_from_array(truth[3]["image"], s))
+    # Picklable for grain's worker processes: the copy reopens the source itself.
+    copy = pickle.loads(pickle.dumps(src))
+    assert copy._source is None  # pylint: disable=protected-access
+    np.testing.assert_array_equal(copy[3]["image"], src[3]["image"])
     caplog.clear()
     again = pipeline.prepare(c)
   assert "TFDS index of coco_captions" in caplog.text and "reused" in caplog.text
