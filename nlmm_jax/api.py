@@ -142,7 +142,13 @@ class Model:
     return self._run("image", self.image_inputs(images), ttt_steps)
 
   def embed_audio(self, clips: Sequence[AudioInput], ttt_steps=None) -> np.ndarray:
-    """WAV paths or (waveform, sample rate) pairs -> L2-normalised embeddings [N, E]."""
+    """WAV paths or (waveform, sample rate) pairs -> L2-normalised embeddings [N, E].
+    A model trained without audio (its config's data.use_audio is False: no spoken
+    captions in its corpus, or turned off) has an untrained audio tower and refuses."""
+    if not self.config.data.get("use_audio", True):
+      raise ValueError(f"{self.path} was trained without audio (data.use_audio=False in "
+                       "its config: its corpus had no spoken captions, or audio was off), "
+                       "so its audio embeddings mean nothing; use text or images")
     return self._run("audio", self.audio_inputs(clips), ttt_steps)
 
   @staticmethod

@@ -51,6 +51,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from nlmm_jax import config_lib
 from nlmm_jax.data import corpus
 from nlmm_jax.data import features
 from nlmm_jax.data import flickr8k
@@ -373,14 +374,20 @@ def _corpus_config(config, label: Optional[str]):
     if label:
       raise RetrievalError(f"--corpus {label!r}: this model was trained on one corpus "
                            f"(data.name={config.data.name!r}); leave --corpus out")
-    return config
-  from nlmm_jax.data import mixture  # pylint: disable=g-import-not-at-top
-  parts = {l: c for l, _, c in mixture.component_configs(config)}
-  if label not in parts:
-    given = f"--corpus {label!r} is not one of them" if label else "pass --corpus LABEL"
-    raise RetrievalError(f"this model was trained on a mixture of {sorted(parts)}: "
-                         f"{given}")
-  return parts[label]
+    chosen, other = config, ""
+  else:
+    from nlmm_jax.data import mixture  # pylint: disable=g-import-not-at-top
+    parts = {l: c for l, _, c in mixture.component_configs(config)}
+    if label not in parts:
+      given = f"--corpus {label!r} is not one of them" if label else "pass --corpus LABEL"
+      raise RetrievalError(f"this model was trained on a mixture of {sorted(parts)}: "
+                           f"{given}")
+    chosen, other = parts[label], ", or choose another --corpus"
+  if chosen.data.name.startswith(config_lib.TFDS_PREFIX):
+    raise RetrievalError(f"the corpus is the TFDS dataset {chosen.data.name[5:]!r}, which "
+                         "holds no image files to list and draw: search it from Python "
+                         f"(nlmm_jax.api: embed_text, embed_images, rank){other}")
+  return chosen
 
 
 def _load_split(config, data_root: Optional[str], split: str):

@@ -31,6 +31,7 @@ from nlmm_jax import evaluate
 from nlmm_jax import logging as nl_logging
 from nlmm_jax import losses
 from nlmm_jax.data import pipeline
+from nlmm_jax.data import tokenizer as tokenizer_lib
 from nlmm_jax.models import nlmm
 from nlmm_jax.models import ttt as ttt_lib
 from nlmm_jax.optim import levels
@@ -387,6 +388,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, for_training: bool
   total_steps = _check_config(config, steps_per_epoch)
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
   config.train.total_steps = total_steps
+  if not data.has_audio:  # saved with the checkpoints: the audio tower is not trained
+    config.data.use_audio = False
   mesh = make_mesh(config)
   model = nlmm.build_model(config.model, config.loss)
   tx = levels.build_optimizer(config)
@@ -398,6 +401,31 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, for_training: bool
   return dict(config=config, data=data, mesh=mesh, model=model, tx=tx, state=state,
               shardings=shardings, total_steps=total_steps,
               steps_per_epoch=steps_per_epoch)
+
+
+def check_same_data(workdir: str, step: int, config, data) -> None:
+  """Raises ValueError when resuming `workdir` at `step` would read other data than the
+  checkpoint was trained on: another tokenizer (the corpus's train captions, or
+  model.vocab_size, changed: the trained embedding rows would get other words) or another
+  data.mixture (the saved iterator position would index another stream)."""
+  saved, _ = checkpointing.restore_items(checkpointing.checkpoint_dir(workdir), step,
+                                         ("config", "tokenizer"), "resume")
+  fix = (f"Restore the data and config it was trained with, or start a new workdir from "
+         f"its weights with --config.init_from={workdir}")
+  tok = tokenizer_lib.Tokenizer.from_json(saved["tokenizer"], "the checkpoint's tokenizer")
+  if tok != data.tokenizer:
+    raise ValueError(f"cannot resume {workdir} at step {step}: the tokenizer fitted on "
+                     f"today's data ({data.tokenizer.vocab_size} ids) differs from the "
+                     f"checkpoint's ({tok.vocab_size} ids), so the corpus's train captions "
+                     f"or model.vocab_size changed. {fix}.")
+  def plain(mixture):  # tuples -> lists, as the checkpoint's JSON holds them
+    return json.loads(json.dumps(mixture or []))
+  old = plain(saved["config"].get("data", {}).get("mixture"))
+  new = plain(config.data.to_dict().get("mixture"))
+  if old != new:
+    raise ValueError(f"cannot resume {workdir} at step {step}: data.mixture differs from "
+                     f"the checkpoint's ({old} then, {new} now), so the saved data position "
+                     f"would index another stream. {fix}.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -434,6 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = checkpointing.make_manager(workdir, config)
   latest = manager.latest_step()
   if latest is not None:
+    check_same_data(workdir, latest, config, data)
     state, train_iter = checkpointing.restore(manager, latest, state, train_iter)
     logging.info("Resumed from %s step %d", checkpointing.checkpoint_dir(workdir), latest)
     if is_main:

@@ -3,6 +3,7 @@ weights and resumes exactly, training resumes, and evaluation runs per corpus.""
 
 import json
 import re
+import types
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from nlmm_jax import evaluate
 from nlmm_jax.data import mixture
 from nlmm_jax.data import pipeline
+from nlmm_jax.data import tokenizer as tokenizer_lib
 import data_fixtures  # pylint: disable=g-bad-import-order
 from tiny_run import tiny_config, train_two_then_four  # pylint: disable=g-bad-import-order
 
@@ -31,18 +33,27 @@ def _demo(tiny_corpus, **kw):
     ([{"name": "demo"}, {"name": "flickr8k", "colour": 1}],
      r"mixture\[1\] has unknown key\(s\) \['colour'\]"),
     ([{"name": "demo"}, {"name": "flickr8k", "mixture": ()}],
-     r"mixture\[1\] has unknown key\(s\) \['mixture'\]"),
+     r"mixture\[1\] sets \['mixture'\], which the mixture's corpora share"),
+    ([{"name": "demo", "num_workers": 2, "crop_margin": 4}, {"name": "flickr8k"}],
+     r"mixture\[0\] sets \['crop_margin', 'num_workers'\].*set them once in config\.data"),
     ([{"name": "demo", "weight": 0}, {"name": "flickr8k"}], r"weight=0: a weight is a posit"),
     ([{"name": "demo", "weight": "x"}, {"name": "flickr8k"}], r"weight='x'"),
     ([{"name": "demo"}, {"name": "demo"}], r"label 'demo' is taken by an earlier entry"),
     ([{"name": "demo"}, {"root": "x"}], r"mixture\[1\] has no 'name'"),
     ([{"name": "demo"}, {"name": "cifar"}], r"corpus 'cifar': data\.name must be one of"),
+    ([{"name": "demo"}, {"name": "manifest", "manifest": "nowhere.jsonl"}],
+     r"corpus 'manifest:nowhere': data\.manifest='nowhere\.jsonl' is not a file"),
+    ([{"name": "demo"}, {"name": "tfds:coco_captions", "tfds_splits": {"dev": ""}}],
+     r"corpus 'tfds:coco_captions': data\.tfds_splits needs a TFDS split for \['dev'\]"),
 ])
 def test_entries_are_checked(tmp_path, entries, match):
+  """Every entry is checked before any corpus is prepared (the demo corpus of entry 0
+  is never generated)."""
   c = tiny_config(tmp_path / "corpus", tmp_path / "cache")
   c.data.mixture = tuple(entries)
   with pytest.raises(ValueError, match=match):
     pipeline.prepare(c)
+  assert not (tmp_path / "corpus").exists()
 
 
 def test_entries_override_the_data_section(tmp_path):
@@ -54,7 +65,7 @@ def test_entries_override_the_data_section(tmp_path):
   assert (l0, w0, l1, w1, l2) == ("demo", 3.0, "manifest:m", 1.0, "coco")
   assert c0.data.root == c.data.root and c0.data.mixture == () and c0.model == c.model
   assert c1.data.manifest == "a/m.jsonl" and not c1.data.use_audio and c0.data.use_audio
-  assert c2.data.tfds_splits.to_dict() == {"dev": "x"}
+  assert c2.data.tfds_splits.to_dict() == {"train": "train", "dev": "x", "test": "test"}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +113,7 @@ def test_stream_follows_weights_and_resumes_exactly(tiny_corpus, second_root, tm
 def test_trains_resumes_and_evaluates_per_corpus(tiny_corpus, tmp_path, caplog, capsys):
   """demo (with audio) + a Flickr8k tree without: image-text only, logged; 2 steps, then
   resumed to 4; the eval files hold each corpus's metrics and their mean."""
+  from nlmm_jax import train  # pylint: disable=g-import-not-at-top
   root = tmp_path / "mute"
   data_fixtures.make_flickr8k_tree(root, n_images=12, with_audio=False)
   c = _config(tiny_corpus, _demo(tiny_corpus), dict(name="flickr8k", root=str(root),
@@ -123,6 +135,20 @@ def test_trains_resumes_and_evaluates_per_corpus(tiny_corpus, tmp_path, caplog, 
         (per["demo"]["rsum_all"] + per["mute"]["rsum_all"]) / 2)
   assert per["demo"]["i2t_num_queries"] == 2 and per["mute"]["i2t_num_queries"] == 2
   assert test_metrics["per_corpus"].keys() == per.keys()
+
+  # Resuming with other data is refused: other weights (another stream), another
+  # tokenizer (other word ids for the trained embeddings).
+  c.train.total_steps = 6
+  c.data.mixture[1]["weight"] = 3.0
+  with pytest.raises(ValueError, match=r"data\.mixture differs from the checkpoint's.*"
+                     r"--config\.init_from="):
+    train.train_and_evaluate(c, str(workdir))
+  c.data.mixture[1]["weight"] = 1.0
+  other = types.SimpleNamespace(tokenizer=tokenizer_lib.Tokenizer(["a", "dog"]))
+  with pytest.raises(ValueError, match=r"tokenizer fitted on today's data \(6 ids\) "
+                     r"differs from the checkpoint's"):
+    train.check_same_data(str(workdir), 4, c, other)
+  assert [json.loads(l)["step"] for l in open(workdir / "train_metrics.jsonl")][-1] == 4
 
   # Searching the trained model: the mixture's corpus is named by its label.
   from nlmm_jax import retrieve  # pylint: disable=g-import-not-at-top

@@ -7,11 +7,14 @@ corpus.
       dict(name="tfds:coco_captions", weight=1.0),
   )
 
-Each entry is one corpus: the config's data section with the entry's keys replaced (any
-key of the data section except `mixture`), plus `weight` (> 0, its share of the training
-examples; normalised) and an optional `label` (default: the name, "manifest:<file stem>"
-for a manifest; unique). Every corpus is prepared as on its own (index, cache, report),
-then:
+Each entry is one corpus: the config's data section with the entry's keys replaced (the
+keys that say which corpus and how to index it, CORPUS_KEYS; a dict-valued key such as
+`tfds_splits` is merged key by key), plus `weight` (> 0, its share of the training
+examples; normalised) and an optional `label` (default: the name with "/" as "_",
+"manifest:<file stem>" for a manifest; unique). Keys that shape the features or the
+pipeline (image and audio settings, workers, batch sizes) are the mixture's, set once in
+config.data. Every entry is checked before any corpus is prepared; then every corpus is
+prepared as on its own (index, cache, report), and:
   - one tokenizer is fitted on the train captions of all corpora together and replaces
     each corpus's own (it is what checkpoints save);
   - audio is used only if every corpus has it; otherwise the mixture is image-text only
@@ -30,10 +33,18 @@ import os
 from absl import logging
 import ml_collections
 
+from nlmm_jax import config_lib
+from nlmm_jax.data import flickr8k
 from nlmm_jax.data import pipeline
+from nlmm_jax.data import tfds_source
 from nlmm_jax.data import tokenizer as tokenizer_lib
 
 ENTRY_KEYS = ("weight", "label")     # the entry's own keys (the rest override config.data)
+# The data keys an entry may set: which corpus, and how to find and index it.
+CORPUS_KEYS = ("name", "root", "manifest", "cache_dir", "cache_verify", "use_audio",
+               "max_lost_fraction", "demo_num_images", "demo_seed", "build_workers",
+               "tfds_data_dir", "tfds_splits", "tfds_image_key", "tfds_caption_key",
+               "tfds_id_key")
 
 
 def _entries(data) -> list[dict]:
@@ -55,7 +66,17 @@ def _label(entry: dict) -> str:
   name = str(entry.get("name", ""))
   if name == "manifest" and entry.get("manifest"):
     return f"manifest:{os.path.splitext(os.path.basename(str(entry['manifest'])))[0]}"
-  return name
+  return name.replace("/", "_")  # "/" would nest TensorBoard tags
+
+
+def _merged(base: dict, entry: dict) -> dict:
+  """`base` with the entry's corpus keys replaced; dict values merged key by key."""
+  out = dict(base)
+  for k, v in entry.items():
+    if k in ENTRY_KEYS:
+      continue
+    out[k] = dict(base[k], **dict(v)) if isinstance(base.get(k), dict) else v
+  return out
 
 
 def component_configs(config) -> list[tuple[str, float, ml_collections.ConfigDict]]:
@@ -65,10 +86,15 @@ def component_configs(config) -> list[tuple[str, float, ml_collections.ConfigDic
   for i, entry in enumerate(_entries(config.data)):
     if not isinstance(entry, dict):
       raise ValueError(f"data.mixture[{i}] is a {type(entry).__name__}, not a dict")
-    unknown = sorted(set(entry) - set(base) - set(ENTRY_KEYS) | ({"mixture"} & set(entry)))
+    shared = sorted(set(entry) & (set(base) - set(CORPUS_KEYS)))
+    if shared:
+      raise ValueError(f"data.mixture[{i}] sets {shared}, which the mixture's corpora "
+                       "share (features, pipeline): set them once in config.data")
+    unknown = sorted(set(entry) - set(CORPUS_KEYS) - set(ENTRY_KEYS))
     if unknown:
       raise ValueError(f"data.mixture[{i}] has unknown key(s) {unknown}: an entry holds "
-                       f"keys of config.data (not mixture) plus {list(ENTRY_KEYS)}")
+                       f"corpus keys of config.data {list(CORPUS_KEYS)} plus "
+                       f"{list(ENTRY_KEYS)}")
     if "name" not in entry:
       raise ValueError(f"data.mixture[{i}] has no 'name' (demo, flickr8k, manifest or "
                        "tfds:<name>)")
@@ -84,12 +110,24 @@ def component_configs(config) -> list[tuple[str, float, ml_collections.ConfigDic
       raise ValueError(f"data.mixture[{i}]: label {label!r} is taken by an earlier entry; "
                        "give one of them a distinct 'label'")
     labels.add(label)
-    data = dict(base, **{k: v for k, v in entry.items() if k not in ENTRY_KEYS})
+    data = _merged(base, entry)
     data["mixture"] = ()
     sub = ml_collections.ConfigDict(config.to_dict())
     sub.data = ml_collections.ConfigDict(data)
     out.append((label, weight, sub))
   return out
+
+
+def _check(label: str, data) -> None:
+  """The checks that need no corpus on disk, so that a bad entry fails before the first
+  corpus is indexed (which can take long)."""
+  try:
+    if tfds_source.is_tfds(data.name):
+      tfds_source.spec_from_config(data)
+    else:
+      config_lib.check_data(data)
+  except ValueError as e:
+    raise ValueError(f"data.mixture corpus {label!r}: {e}") from e
 
 
 def _without_audio(handle: pipeline.DataHandle) -> pipeline.DataHandle:
@@ -101,13 +139,16 @@ def _without_audio(handle: pipeline.DataHandle) -> pipeline.DataHandle:
 
 def prepare(config) -> pipeline.MixtureHandle:
   """Prepares every corpus of config.data.mixture and joins them (module docstring)."""
+  configs = component_configs(config)
+  for label, _, sub in configs:
+    _check(label, sub.data)
   parts = []
-  for label, weight, sub in component_configs(config):
+  for label, weight, sub in configs:
     logging.info("Mixture: preparing %s (weight %g)", label, weight)
     try:
       parts.append((label, weight, pipeline.prepare(sub)))
-    except ValueError as e:  # DataError and config errors: say which corpus
-      raise type(e)(f"data.mixture corpus {label!r}: {e}") from e
+    except flickr8k.DataError as e:  # say which corpus; keep the loss report
+      raise flickr8k.DataError(f"data.mixture corpus {label!r}: {e}", report=e.report) from e
   no_audio = [label for label, _, h in parts if not h.has_audio]
   has_audio = not no_audio
   if no_audio and len(no_audio) < len(parts):

@@ -322,15 +322,19 @@ class EvalIterators:
     return self._batches(rows(), template)
 
   def captions(self) -> Iterator[dict]:
-    """{text, text_mask, image_index, valid} for every caption (image order, then k)."""
+    """{text, text_mask, image_index, valid} for every caption (image order, then k).
+
+    From the index, whose captions the records hold too (the cache writes them from it;
+    `TfdsRecords` serves them from it), so no image is read or decoded for text."""
     L = self._max_text_len
     tok = self._handle.tokenizer
     template = {"text": ((L,), np.int32), "text_mask": ((L,), bool)}
+    examples = self._handle.index.splits[self._split].examples
 
     def rows():
-      for i, r in enumerate(self._records()):
-        for c in r["captions"]:
-          ids, mask = tok.encode(_text(c), L)
+      for i, ex in enumerate(examples):
+        for c in ex.captions:
+          ids, mask = tok.encode(c, L)
           yield dict(text=ids, text_mask=mask, image_index=i)
     return self._batches(rows(), template)
 

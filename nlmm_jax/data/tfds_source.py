@@ -9,9 +9,10 @@ retrieval directions are off (`prepare` logs it).
                         "tfds:coco_captions/2014:1.1.0")
   data.tfds_data_dir    the TFDS data directory ("": TFDS's default, $TFDS_DATA_DIR or
                         ~/tensorflow_datasets)
-  data.tfds_splits      {train, dev, test} -> the TFDS split each reads (slices allowed,
-                        e.g. "train[:20000]"); default train / val / test (COCO's Karpathy
-                        splits in TFDS)
+  data.tfds_splits      {train, dev, test} -> the TFDS split each reads (slices and sums
+                        allowed: "train[:20000]", "train+restval"); default train / val /
+                        test (coco_captions' val and test are Karpathy's 5000 + 5000; his
+                        training set is "train+restval")
   data.tfds_image_key   the image feature ("image")
   data.tfds_caption_key the caption feature ("captions/text": a key with "/" is a flat
                         feature if there is one, else a path into nested features); a
@@ -118,8 +119,9 @@ def _diagnose(spec: TfdsSpec, tfds_split: str, error: Exception) -> DataError:
                      "holds it")
   if prepared and "ARRAY_RECORD" not in file_format.upper():
     return DataError(f"TFDS dataset {spec.name!r} in {where} is prepared as {file_format}, "
-                     "which has no random access: rebuild it with "
-                     f"`{spec.build_command}`")
+                     "which has no random access: convert it with `tfds convert_format "
+                     f"--dataset_dir={where} --out_file_format=array_record` (or rebuild it: "
+                     f"`{spec.build_command} --overwrite`)")
   return DataError(f"TFDS dataset {spec.name!r}, split {tfds_split!r}: "
                    f"{type(error).__name__}: {error} (data.tfds_splits maps train/dev/test "
                    "to the dataset's splits)")
@@ -154,19 +156,29 @@ def _text(value) -> str:
 
 
 def captions_of(example: dict, key: str) -> tuple:
-  """The example's non-empty captions (the feature is a string or strings)."""
+  """The example's non-empty captions (the feature is a string or strings); a feature
+  of another kind is a `DataError` naming data.tfds_caption_key."""
   value = _feature(example, key, "caption")
+  if isinstance(value, dict):
+    raise DataError(f"the caption feature {key!r} is a dict of {sorted(value)}: set "
+                    f"data.tfds_caption_key to its text, e.g. {key}/{sorted(value)[-1]}")
   values = [value] if isinstance(value, (str, bytes)) else list(np.asarray(value).ravel())
+  bad = [v for v in values if not isinstance(v, (str, bytes))]
+  if bad:
+    raise DataError(f"the caption feature {key!r} holds {type(bad[0]).__name__} values "
+                    f"({bad[0]!r}), not text: set data.tfds_caption_key to a text feature")
   return tuple(t for t in (" ".join(_text(v).split()) for v in values) if t)
 
 
 def _image(example: dict, key: str) -> np.ndarray:
+  """The decoded image, checked as `features.image_from_array` will need it."""
   image = np.asarray(_feature(example, key, "image"))
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]  # grey [H, W, 1] -> [H, W]
-  if image.dtype != np.uint8 or image.ndim not in (2, 3) or min(image.shape[:2]) < 1:
+  if (image.dtype != np.uint8 or image.ndim not in (2, 3) or min(image.shape[:2]) < 1
+      or (image.ndim == 3 and image.shape[-1] not in (3, 4))):
     raise ValueError(f"feature {key!r} is {image.dtype} {image.shape}, not a decoded "
-                     "uint8 image [H, W(, C)]")
+                     "uint8 image [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]")
   return image
 
 
