@@ -134,7 +134,7 @@ def _without_audio(handle: pipeline.DataHandle) -> pipeline.DataHandle:
   """The handle as image-text only: every image trains, no audio in its batches."""
   return dataclasses.replace(
       handle, has_audio=False,
-      train_records={n: list(range(c)) for n, c in handle.num_images.items()})
+      train_records=pipeline.every_image(handle.num_images))
 
 
 def prepare(config) -> pipeline.MixtureHandle:

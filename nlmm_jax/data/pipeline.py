@@ -97,6 +97,11 @@ def prepare(config):
                     train_records=train_records)
 
 
+def every_image(num_images: dict) -> dict:
+  """{split: record ids} training on every image (no recording needed: image-text)."""
+  return {name: list(range(n)) for name, n in num_images.items()}
+
+
 def _prepare_tfds(config) -> DataHandle:
   d = config.data
   report_path = os.path.join(os.path.abspath(d.cache_dir), "index_reports",
@@ -106,7 +111,7 @@ def _prepare_tfds(config) -> DataHandle:
                "directions are off. Images: %s.", d.name, handle.counts)
   return DataHandle(index=handle.index, cache=handle, tokenizer=handle.tokenizer,
                     has_audio=False, num_images=dict(handle.counts),
-                    train_records={n: list(range(c)) for n, c in handle.counts.items()})
+                    train_records=every_image(handle.counts))
 
 
 @dataclasses.dataclass
