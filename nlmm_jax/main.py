@@ -94,10 +94,14 @@ def main(argv):
   set_cpu_devices(int(config.train.cpu_devices), os.environ)
   _maybe_initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
+  from nlmm_jax import host_memory  # pylint: disable=g-import-not-at-top
   from nlmm_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)
+  logging.info("Host allocator: %s", "glibc malloc with transparent huge pages "
+               "(GLIBC_TUNABLES; NLMM_HUGEPAGE_MALLOC=0 to leave it)"
+               if host_memory.hugepages_on() else "as started")
   logging.info("Config:\n%s", config)
   try:
     if _MODE.value == "train":
@@ -174,7 +178,10 @@ def _resolve_config_value(value: str, config_lib) -> str:
 
 
 def run() -> None:
-  """The command line: resolves a bare --config name, then absl's app.run(main)."""
+  """The command line: huge pages for XLA's host buffers (`host_memory`: re-executes this
+  command once where they apply), a bare --config name resolved, then app.run(main)."""
+  from nlmm_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_hugepages()
   try:
     sys.argv = resolve_config_argv(sys.argv)
   except FileNotFoundError as e:

@@ -13,6 +13,10 @@ Sections (--only, comma-separated; default: all, in this order):
           against plain `optax.adamw` (1.0x), each averaged over a full period of the
           CMS levels (the slowest level's update_every: 16 steps with the default
           levels, 256 for small and medium; --optim_steps).
+  optim_parts  where an optimizer step's time goes on this machine: an [n, n] float32
+          result written in place against into a fresh buffer (a temporary's cost), and
+          adamw, dmgd (defaults; hidden 2; phi_sample 1024; linear) and anderson on
+          --parts_tensors tensors of --parts_shape (default 40 x [2048, 512]).
   model   the whole jitted train step (forward, backward, optimizer) of each
           --model_config, for each --model_optimizer, with its ratio to the adamw step.
   accum   the train step of --accum_config at a large batch (--accum_batch) with
@@ -39,6 +43,9 @@ Flags:
   --optim_config NAME     optim: the config whose parameter tree is stepped (default small)
   --optim_steps N         optim: steps averaged (0: one full CMS period from the config)
   --optim_names A,B       optim: level-routed optimizers (default adamw,dmgd,anderson)
+  --parts_shape A,B, --parts_tensors N, --parts_fresh_n N
+                          optim_parts: the tensors stepped (40 x [2048, 512]), the size
+                          of the written array (4096); steps: --optim_steps (0: 8)
   --model_config A,B      model: configs (default small,demo; on a GPU small,medium,demo)
   --own_shapes A,B        model: configs run at their own train.batch_size and shapes
                           (default demo); the others use --model_batch, --model_overrides
@@ -71,6 +78,10 @@ GFLOP/s and pct_peak are per device. XLA counts the body of a while loop (lax.sc
 fori_loop) once, not once per iteration: in rows whose `loops` is > 0 the FLOP count,
 GFLOP/s and pct_peak are lower bounds.
 
+Host memory: run as a script, the benchmark re-executes itself once with glibc's huge-page
+malloc tunable, as `python -m nlmm_jax.main` does (nlmm_jax/host_memory.py; the header
+line and meta.hugepage_malloc say whether it is on; NLMM_HUGEPAGE_MALLOC=0 leaves it off).
+
 Precision: on a GPU the memory and model sections run in float32 and bfloat16 (the
 model's `model.dtype`; memory: q, k, v in bfloat16), each compared with the peak of its
 dtype; on other backends in float32 only (peak still reports bfloat16).
@@ -99,6 +110,7 @@ Done = Dict[str, List[Row]]
 NAN = float("nan")
 
 QUICK = dict(repeats=3, batch=4, seq_len=256, memory_width=128, sweep=[128, 256],
+             parts_tensors=8, parts_fresh_n=2048,
              hope_seq_lens=[256], hope_width=128,
              optim_config="demo", model_config="demo", model_repeats=1, input_batches=50,
              accum_config="demo", accum_batch=64, accum_overrides=[], accum_repeats=1)
@@ -463,6 +475,55 @@ def bench_optim(args, done: Done) -> List[Row]:
   return rows
 
 
+def fresh_vs_in_place(n: int, repeats: int) -> List[Row]:
+  """x * 0.5 on an [n, n] float32 array, written in place (input donated) or into a fresh
+  buffer: what a temporary the size of the array costs the runtime's allocator."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  rows = []
+  for mode in ("in_place", "fresh"):
+    donate = (0,) if mode == "in_place" else ()
+    f = jax.jit(lambda a: a * 0.5, donate_argnums=donate)
+    if mode == "in_place":
+      times, _ = carried_times(f, x + 0, steps=repeats)
+      ms = 1e3 * statistics.median(times)
+    else:
+      ms = 1e3 * time_fn(f, x, repeats=repeats)
+    rows.append(dict(part=f"write {n}x{n} f32, {mode}", mib=n * n * 4 / 2**20, ms=ms))
+  return rows
+
+
+def optim_part_candidates() -> Dict[str, optax.GradientTransformation]:
+  """adamw, then DMGD at its defaults and with one cost removed at a time, then Anderson."""
+  from nlmm_jax.optim import anderson as anderson_lib
+  from nlmm_jax.optim import dmgd as dmgd_lib
+  return {"optax.adamw": optax.adamw(1e-3),
+          "dmgd": dmgd_lib.dmgd(1e-3),
+          "dmgd hidden=2": dmgd_lib.dmgd(1e-3, hidden=2),
+          "dmgd phi_sample=1024": dmgd_lib.dmgd(1e-3, phi_sample=1024),
+          "dmgd hidden=0 (linear)": dmgd_lib.dmgd(1e-3, hidden=0),
+          "anderson": anderson_lib.anderson(1e-3)}
+
+
+def bench_optim_parts(args, done: Done) -> List[Row]:
+  """Where the optimizers' time goes: a fresh buffer against an in-place write of the same
+  size, and each optimizer on --parts_tensors tensors of --parts_shape (no level routing),
+  DMGD with one of its costs removed at a time."""
+  del done
+  rows = fresh_vs_in_place(args.parts_fresh_n, args.repeats)
+  shape = tuple(args.parts_shape)
+  tree = {f"w{i}": jnp.full(shape, 0.01, jnp.float32) for i in range(args.parts_tensors)}
+  grads = random_tree(tree, 1, 1e-3)
+  for name, opt in optim_part_candidates().items():
+    r = measure_optimizer(opt, jax.tree.map(lambda x: x + 0, tree), grads, args.optim_steps or 8)
+    rows.append(dict(part=f"{name}, {args.parts_tensors} x {list(shape)}",
+                     mib=tree_mib(tree), ms=r["ms_per_step"], xla_temp_mib=r["xla_temp_mib"]))
+  base = rows[2]["ms"]
+  for r in rows[2:]:
+    r["vs_adamw"] = r["ms"] / base
+  print_table(f"optim_parts [{platform()}]", rows)
+  return rows
+
+
 # ----------------------------------------------------------------------------- model
 
 def model_setup(args, name: str, dtype: str, optimizer: str):
@@ -694,6 +755,7 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace, Done], List[Row]]] = {
     "memory": bench_memory,
     "hope": bench_hope,
     "optim": bench_optim,
+    "optim_parts": bench_optim_parts,
     "model": bench_model,
     "accum": bench_accum,
     "input": bench_input,
@@ -726,6 +788,9 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--optim_steps", type=int, default=0, help="0: one full CMS period")
   p.add_argument("--optim_names", type=csv(),
                  default=["adamw", "dmgd", "anderson", "anderson-bf16"])
+  p.add_argument("--parts_shape", type=csv(int), default=[2048, 512])
+  p.add_argument("--parts_tensors", type=int, default=40)
+  p.add_argument("--parts_fresh_n", type=int, default=4096)
   p.add_argument("--model_config", type=csv(), default=default_model_configs())
   p.add_argument("--own_shapes", type=csv(), default=["demo"])
   p.add_argument("--model_overrides", type=csv(), default=["model.max_frames=400"])
@@ -761,8 +826,11 @@ def main(argv=None) -> int:
   names = [n for n in SECTIONS if n in (args.only or SECTIONS)]
   if names and "peak" not in names:
     names.insert(0, "peak")
-  print(f"jax {jax.__version__}, devices: {jax.devices()}")
-  figures = {"meta": {"jax": jax.__version__, "platform": jax.devices()[0].platform,
+  from nlmm_jax import host_memory
+  huge = host_memory.hugepages_on()
+  print(f"jax {jax.__version__}, devices: {jax.devices()}, host malloc huge pages: {huge}")
+  figures = {"meta": {"jax": jax.__version__, "hugepage_malloc": huge,
+                      "platform": jax.devices()[0].platform,
                       "device": str(jax.devices()[0]), "devices": len(jax.devices()),
                       "argv": list(sys.argv[1:] if argv is None else argv),
                       "settings": vars(args)}}
@@ -780,4 +848,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from nlmm_jax import host_memory
+  host_memory.reexec_with_hugepages()   # what `nlmm_jax.main` runs with (host_memory's doc)
   sys.exit(main())

@@ -19,14 +19,15 @@ def positive(x) -> bool:
 def test_peak_memory_optim_figures(tmp_path):
   out = tmp_path / "figures.json"
   assert load_benchmark().main([
-      "--only", "memory,hope,optim", "--json", str(out), "--repeats", "1",
+      "--only", "memory,hope,optim,optim_parts", "--json", str(out), "--repeats", "1",
       "--peak_n", "128", "--batch", "1", "--seq_len", "16", "--memory_width", "64",
       "--chunk_size", "8", "--sweep", "", "--optim_config", "demo",
       "--optim_names", "adamw,anderson,anderson-bf16", "--optim_steps", "2",
       "--hope_seq_lens", "12", "--hope_width", "64", "--hope_batch", "1", "--hope_hidden", "4",
-      "--hope_chunk_size", "4"]) == 0
+      "--hope_chunk_size", "4", "--parts_shape", "64,32", "--parts_tensors", "2",
+      "--parts_fresh_n", "64"]) == 0
   figures = json.loads(out.read_text())
-  assert list(figures) == ["meta", "peak", "memory", "hope", "optim"]  # peak first
+  assert list(figures) == ["meta", "peak", "memory", "hope", "optim", "optim_parts"]
 
   assert [r["dtype"] for r in figures["peak"]] == ["float32", "bfloat16"]
   for r in figures["peak"]:
@@ -60,6 +61,16 @@ def test_peak_memory_optim_figures(tmp_path):
     assert r["steps"] == 2
     for key in ("ms_per_step", "ms_max", "state_mib", "vs_adamw"):
       assert positive(r[key]), (key, r)
+
+  parts = figures["optim_parts"]
+  assert [r["part"] for r in parts[:2]] == ["write 64x64 f32, in_place", "write 64x64 f32, fresh"]
+  assert [r["part"].split(",")[0] for r in parts[2:]] == [
+      "optax.adamw", "dmgd", "dmgd hidden=2", "dmgd phi_sample=1024",
+      "dmgd hidden=0 (linear)", "anderson"]
+  assert parts[2]["vs_adamw"] == 1.0
+  for r in parts:
+    assert positive(r["ms"]) and math.isclose(r["mib"], 64 * 32 * 4 * 2 / 2**20 if "x [" in r["part"]
+                                              else 64 * 64 * 4 / 2**20), r
 
 
 @pytest.mark.slow  # two compiles of the demo train step: the slow tier (CI runs it)

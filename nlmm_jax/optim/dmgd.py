@@ -295,11 +295,15 @@ def scale_by_dmgd(hidden: int = 8,
       u_next = features(jnp.stack([take_sample(g, stride, k, offset),
                                    take_sample(new_mu, stride, k, offset)]))  # [2, K]
       new = (new_forecast, u_next, s, new_phi)
+      # o's pass reads u_next (0 * one of its values): XLA then takes the sample of g
+      # before the update is written, and may write the update into g's buffer (inside
+      # a CMS level's lax.cond, the accumulator's) instead of a temporary one.
+      ordered = 0.0 * u_next[0, 0]
     c = (1.0 - _power(rho, count)) if debias else 1.0
     if phi is None:
       o = new_mu / c
     else:                                             # mu_t / c_t + s_t r = p_{t+1} + ...
-      o = new_forecast + (1.0 / c - 1.0) * new_mu
+      o = new_forecast + (1.0 / c - 1.0) * new_mu + ordered
     new_nu = None
     if sigma == "nsqrt":
       # ((1 - b2) g) g, not (1 - b2) g^2: no g^2 shared with rms(g), which XLA would
