@@ -5,16 +5,18 @@ On a CPU, XLA allocates each execution's temporary block (activations, gradients
 optimizer's intermediates) with malloc. A block that large is mmap'ed fresh by glibc and
 page-faulted in 4 KiB pages on every step: on the 2-core development machine, writing a
 64 MiB result into a fresh buffer took 29 ms against 3 ms in place. With glibc's tunable
-`glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc advises the kernel to back such chunks
-with transparent huge pages (2 MiB), and the same write took 6 ms
-(`scripts/benchmark.py --only optim_parts`; README, Benchmarks).
+`glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc advises the kernel (madvise) to back such
+chunks with transparent huge pages (2 MiB), and the same write took 11 ms
+(`scripts/benchmark.py --only optim_parts`, fresh processes; README, Benchmarks).
 
 Tunables are read once, when a process starts, so the command-line entry points call
 `reexec_with_hugepages()` first: when it applies it replaces the process image with the
 same command line (same PID, arguments and working directory) and GLIBC_TUNABLES extended;
-otherwise it returns and nothing changes. It applies on Linux with glibc >= 2.35 and
-transparent huge pages enabled ("always" or "madvise"), unless GLIBC_TUNABLES already sets
-the tunable or NLMM_HUGEPAGE_MALLOC=0. Python sessions (notebooks, the API) are not
+otherwise it returns and nothing changes. It applies on Linux with glibc >= 2.35 and the
+kernel's transparent huge pages in "madvise" mode (with "always" every large mapping gets
+them already; with "never" none can), unless GLIBC_TUNABLES already sets the tunable,
+NLMM_HUGEPAGE_MALLOC=0, or this process is itself the re-execution (REEXECUTED is set: in
+secure-execution mode glibc drops GLIBC_TUNABLES, which would otherwise loop). Python sessions (notebooks, the API) are not
 re-executed: export GLIBC_TUNABLES=glibc.malloc.hugetlb=1 before starting them.
 """
 
@@ -24,6 +26,7 @@ from typing import Mapping, Optional
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "NLMM_HUGEPAGE_MALLOC"       # "0": leave the allocator alone
+REEXECUTED = "NLMM_HUGEPAGE_REEXECUTED"  # set in the re-executed process
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -55,15 +58,16 @@ def thp_mode(path: str = THP_MODE_FILE) -> str:
 def tunable_environment(env: Mapping[str, str], platform: str, libc: Optional[tuple],
                         thp: str) -> Optional[dict]:
   """The environment to re-execute with, or None when the tunable does not apply."""
-  if env.get(OPT_OUT) == "0" or not platform.startswith("linux"):
+  if env.get(OPT_OUT) == "0" or REEXECUTED in env or not platform.startswith("linux"):
     return None
-  if libc is None or libc < (2, 35) or thp not in ("always", "madvise"):
+  if libc is None or libc < (2, 35) or thp != "madvise":
     return None
   current = env.get("GLIBC_TUNABLES", "")
   if TUNABLE in current:
     return None
   out = dict(env)
   out["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
+  out[REEXECUTED] = "1"
   return out
 
 
@@ -75,8 +79,12 @@ def hugepages_on(env: Mapping[str, str] = os.environ) -> bool:
 def reexec_with_hugepages() -> None:
   """Re-executes this command line with the tunable set when it applies; else returns."""
   env = tunable_environment(os.environ, sys.platform, glibc_version(), thp_mode())
-  if env is None:
+  if env is None or not sys.executable or not sys.orig_argv:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, env)
+  try:
+    os.execve(sys.executable, sys.orig_argv, env)
+  except OSError as e:   # the run goes on with the allocator it started with, and says so
+    sys.stderr.write(f"warning: could not re-execute with {TUNABLE}=1 ({e}); continuing "
+                     f"with 4 KiB pages (set {OPT_OUT}=0 to silence this)\n")

@@ -12,10 +12,15 @@ LINUX, NEW, OLD = "linux", (2, 36), (2, 31)
 def test_tunable_applies_only_where_it_can_work():
   env = {"PATH": "/bin"}
   out = host_memory.tunable_environment(env, LINUX, NEW, "madvise")
-  assert out == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-  assert host_memory.tunable_environment(env, LINUX, NEW, "always") == out
+  assert out == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                 host_memory.REEXECUTED: "1"}
   assert env == {"PATH": "/bin"}                                   # not modified
-  for args in [(LINUX, NEW, "never"), (LINUX, NEW, ""), (LINUX, OLD, "madvise"),
+  # "always": huge pages already; the re-executed process never re-executes again (in
+  # secure-execution mode glibc drops GLIBC_TUNABLES).
+  assert host_memory.tunable_environment({host_memory.REEXECUTED: "1"}, LINUX, NEW,
+                                         "madvise") is None
+  for args in [(LINUX, NEW, "always"), (LINUX, NEW, "never"), (LINUX, NEW, ""),
+               (LINUX, OLD, "madvise"),
                (LINUX, None, "madvise"), ("darwin", NEW, "madvise")]:
     assert host_memory.tunable_environment(env, *args) is None, args
   assert host_memory.tunable_environment({host_memory.OPT_OUT: "0"}, LINUX, NEW,
@@ -56,7 +61,7 @@ def _child(env):
 
 def test_the_command_line_is_reexecuted_in_place_where_it_applies():
   env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
+         if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT, host_memory.REEXECUTED)}
   expected = host_memory.tunable_environment(env, sys.platform, host_memory.glibc_version(),
                                              host_memory.thp_mode())
   started, pid, tunables = _child(env)
@@ -64,3 +69,12 @@ def test_the_command_line_is_reexecuted_in_place_where_it_applies():
   assert tunables == ("glibc.malloc.hugetlb=1" if expected else "-")
   _, _, tunables = _child({**env, host_memory.OPT_OUT: "0"})
   assert tunables == "-"
+
+
+def test_a_failed_reexecution_warns_and_returns(monkeypatch, capsys):
+  def fail(*args):
+    raise OSError("exec format error")
+  monkeypatch.setattr(host_memory, "tunable_environment", lambda *a: {"GLIBC_TUNABLES": "x"})
+  monkeypatch.setattr(host_memory.os, "execve", fail)
+  host_memory.reexec_with_hugepages()                              # returns, does not raise
+  assert "could not re-execute" in capsys.readouterr().err
