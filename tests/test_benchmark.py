@@ -16,6 +16,7 @@ def positive(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # five benchmark sections, ~80 s: the slow tier (CI runs it)
 def test_peak_memory_optim_figures(tmp_path):
   out = tmp_path / "figures.json"
   assert load_benchmark().main([

@@ -348,6 +348,7 @@ def no_audio_manifest(tmp_path_factory):
   return base, out
 
 
+@pytest.mark.slow  # train and resume (32 s): the slow tier (CI runs it)
 def test_training_and_resume_on_a_manifest_without_audio(no_audio_manifest, caplog):
   """Through train.train_and_evaluate: 2 steps, then the same workdir continued to 4
   from the step-2 checkpoint. Image-text only: the loss has no audio pair and the eval

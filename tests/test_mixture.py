@@ -110,6 +110,7 @@ def test_stream_follows_weights_and_resumes_exactly(tiny_corpus, second_root, tm
   assert not np.array_equal(other["text"], batches[0]["text"])
 
 
+@pytest.mark.slow  # train, resume, evaluate (32 s): the slow tier (CI runs it)
 def test_trains_resumes_and_evaluates_per_corpus(tiny_corpus, tmp_path, caplog, capsys):
   """demo (with audio) + a Flickr8k tree without: image-text only, logged; 2 steps, then
   resumed to 4; the eval files hold each corpus's metrics and their mean."""

@@ -4,6 +4,7 @@ import os
 
 import nbformat
 from nbclient import NotebookClient
+import pytest
 
 import tiny_run  # pylint: disable=g-bad-import-order
 
@@ -28,6 +29,7 @@ def _outputs(nb) -> str:
   return "\n".join(text)
 
 
+@pytest.mark.slow  # a notebook kernel that trains (70 s): the slow tier (CI runs it)
 def test_quickstart_trains_shows_and_evaluates(tiny_corpus, tmp_path, monkeypatch):
   overrides = tiny_run.tiny_overrides(tiny_corpus / "corpus", tiny_corpus / "cache")
   nb = _execute("quickstart.ipynb", tmp_path, {
@@ -41,6 +43,7 @@ def test_quickstart_trains_shows_and_evaluates(tiny_corpus, tmp_path, monkeypatc
   assert "dev " in text and "test " in text
 
 
+@pytest.mark.slow  # a notebook kernel (36 s): the slow tier (CI runs it)
 def test_retrieval_demo_queries_text_speech_and_ttt(tiny_trained, tmp_path, monkeypatch):
   workdir, _ = tiny_trained
   nb = _execute("retrieval_demo.ipynb", tmp_path, {
