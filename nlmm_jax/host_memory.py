@@ -6,7 +6,7 @@ optimizer's intermediates) with malloc. A block that large is mmap'ed fresh by g
 page-faulted in 4 KiB pages on every step: on the 2-core development machine, writing a
 64 MiB result into a fresh buffer took 29 ms against 3 ms in place. With glibc's tunable
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc advises the kernel (madvise) to back such
-chunks with transparent huge pages (2 MiB), and the same write took 11 ms
+chunks with transparent huge pages (2 MiB), and the same write took 7-11 ms
 (`scripts/benchmark.py --only optim_parts`, fresh processes; README, Benchmarks).
 
 Tunables are read once, when a process starts, so the command-line entry points call
