@@ -90,6 +90,12 @@ To add a section: write `bench_<name>(args, done) -> list[dict]` (one dict per t
 `done` holds the rows of the sections already run) and register it in SECTIONS.
 """
 
+if __name__ == "__main__":
+  # Before the heavy imports below, which the re-executed process would repeat: the
+  # allocator `nlmm_jax.main` runs with (nlmm_jax/host_memory.py).
+  from nlmm_jax import host_memory
+  host_memory.reexec_with_hugepages()
+
 import argparse
 import json
 import math
@@ -849,6 +855,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from nlmm_jax import host_memory
-  host_memory.reexec_with_hugepages()   # what `nlmm_jax.main` runs with (host_memory's doc)
   sys.exit(main())
