@@ -10,15 +10,21 @@ Sections (--only, comma-separated; default: all, in this order):
           recurrent vs chunked at each --hope_seq_lens.
   optim   one optimizer step on the parameter tree of --optim_config: level-routed adamw,
           dmgd, anderson (`levels.build_optimizer`, every label on that optimizer)
-          against plain `optax.adamw` (1.0x), each averaged over a full period of the
-          CMS levels (the slowest level's update_every: 16 steps with the default
-          levels, 256 for small and medium; --optim_steps).
+          and plain adamw after the config's global-norm clip, against plain
+          `optax.adamw` (run first and again last; 1.0x: their mean),
+          each averaged over a full period of the CMS levels (the slowest level's
+          update_every: 16 steps with the default levels, 256 for small and medium;
+          --optim_steps).
   optim_parts  where an optimizer step's time goes on this machine: an [n, n] float32
           result written in place against into a fresh buffer (a temporary's cost), and
           adamw, dmgd (defaults; hidden 2; phi_sample 1024; linear) and anderson on
           --parts_tensors tensors of --parts_shape (default 40 x [2048, 512]).
+  optim_kernels  the kernels of one step of adamw, dmgd and anderson on the optim_parts
+          tree, from a jax.profiler trace: per kind (XLA's fusion names without their
+          number), kernels per step and milliseconds per step, the largest first.
   model   the whole jitted train step (forward, backward, optimizer) of each
-          --model_config, for each --model_optimizer, with its ratio to the adamw step.
+          --model_config, for each --model_optimizer, with its ratio to the adamw step
+          (adamw runs first and, with other optimizers, again last: the mean of both).
   accum   the train step of --accum_config at a large batch (--accum_batch) with
           train.accum_steps = --accum_steps (gradient caching, all negatives kept)
           against accum_steps = 1: step time and memory of each, and their ratios.
@@ -46,6 +52,7 @@ Flags:
   --parts_shape A,B, --parts_tensors N, --parts_fresh_n N
                           optim_parts: the tensors stepped (40 x [2048, 512]), the size
                           of the written array (4096); steps: --optim_steps (0: 8)
+  --kernels_top N         optim_kernels: kinds shown per optimizer (default 6)
   --model_config A,B      model: configs (default small,demo; on a GPU small,medium,demo)
   --own_shapes A,B        model: configs run at their own train.batch_size and shapes
                           (default demo); the others use --model_batch, --model_overrides
@@ -97,12 +104,16 @@ if __name__ == "__main__":
   host_memory.reexec_with_hugepages()
 
 import argparse
+import glob
+import gzip
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List
 
@@ -417,14 +428,17 @@ def tree_mib(tree) -> float:
 
 def optim_candidates(config_name: str,
                      names: List[str]) -> Dict[str, optax.GradientTransformation]:
-  """Plain optax.adamw (the baseline: no labels, no MultiSteps, constant lr) and the
-  level-routed optimizers of the config with every label on each of `names`."""
+  """Plain optax.adamw (the baseline: no labels, no MultiSteps, constant lr), the same
+  after the config's global-norm clip (one chain: what the level-routed chains add
+  besides the routing), and the level-routed optimizers of the config with every label
+  on each of `names`."""
   from nlmm_jax import config_lib
   from nlmm_jax.optim import levels
 
   o = config_lib.load_config(config_name).optim
-  out = {"optax.adamw": optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
-                                    weight_decay=o.weight_decay)}
+  adamw = optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  out = {"optax.adamw": adamw,
+         "clip + optax.adamw": optax.chain(levels.clip_by_global_norm(o.clip_norm), adamw)}
   for name in names:
     base, _, variant = name.partition("-")   # "anderson-bf16": bfloat16 history rings
     cfg = use_optimizer(config_lib.load_config(config_name), base)
@@ -453,13 +467,29 @@ def measure_optimizer(opt, params, grads, steps: int) -> Row:
               xla_temp_mib=mem.get("temp_mib", NAN))
 
 
+def bracketed(names: List[str]) -> List[str]:
+  """The baseline (first name) first and, when others follow, again last: a drift of the
+  machine within the process (its memory state, clocks) then shows as the difference
+  of the two baseline rows, and `ratio_to_baseline` divides by their mean."""
+  return names + [names[0]] if len(names) > 1 else list(names)
+
+
+def ratio_to_baseline(rows: List[Row], key: str, is_baseline: Callable[[Row], bool],
+                      out: str = "vs_adamw") -> None:
+  """rows[i][out] = rows[i][key] / the mean of `key` over the baseline rows."""
+  base = statistics.mean(r[key] for r in rows if is_baseline(r))
+  for r in rows:
+    r[out] = r[key] / base
+
+
 def bench_optim(args, done: Done) -> List[Row]:
   """One optimizer step (update + apply_updates, params and state donated) per optimizer.
 
   The parameter tree is the --optim_config model's (`nlmm.abstract_params`), filled with
   random values; random gradients, fixed across steps. Each optimizer is averaged over
   --optim_steps steps (default: one full period of the CMS levels, so that the steps on
-  which slower levels update are counted as often as in training).
+  which slower levels update are counted as often as in training). Plain adamw runs
+  first and again last (`bracketed`); `vs_adamw` divides by the mean of its two rows.
   """
   from nlmm_jax import config_lib
   from nlmm_jax.models import nlmm
@@ -469,13 +499,13 @@ def bench_optim(args, done: Done) -> List[Row]:
   n_params = nlmm.param_count(abstract)
   steps = args.optim_steps or cms_period(cfg)
   rows = []
-  for name, opt in optim_candidates(args.optim_config, args.optim_names).items():
+  candidates = optim_candidates(args.optim_config, args.optim_names)
+  for name in bracketed(list(candidates)):
     params, grads = random_tree(abstract, 0, 0.02), random_tree(abstract, 1, 1e-3)
     rows.append(dict(optimizer=name, params_m=n_params / 1e6,
-                     **measure_optimizer(opt, params, grads, steps)))
+                     **measure_optimizer(candidates[name], params, grads, steps)))
     del params, grads
-  for r in rows:
-    r["vs_adamw"] = r["ms_per_step"] / rows[0]["ms_per_step"]
+  ratio_to_baseline(rows, "ms_per_step", lambda r: r["optimizer"] == "optax.adamw")
   print_table(f"optim: one step on the {args.optim_config} parameter tree "
               f"({n_params / 1e6:.1f}M params), mean of {steps} steps [{platform()}]", rows)
   return rows
@@ -528,6 +558,79 @@ def bench_optim_parts(args, done: Done) -> List[Row]:
   for r in rows[2:]:
     r["vs_adamw"] = r["ms"] / base
   print_table(f"optim_parts [{platform()}]", rows)
+  return rows
+
+
+def kernel_profile(step: Callable, carry, *rest, steps: int) -> Dict[str, List[float]]:
+  """{kernel kind: [kernels per step, ms per step]} over `steps` runs of
+  `carry = step(carry, *rest)`, from a jax.profiler trace (its Perfetto JSON).
+
+  XLA's CPU runtime records every thunk it executes (a fusion, a library reduction, a
+  copy) under its HLO name; the kind is that name without its ".N" suffix
+  ("multiply_add_fusion", "ynn_fusion", "copy"). The durations are summed, so a kind's
+  time is what it occupies the executor, not wall time.
+  """
+  carry = jax.block_until_ready(step(carry, *rest))              # compiled and warm
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    try:
+      for _ in range(steps):
+        carry = jax.block_until_ready(step(carry, *rest))
+    finally:
+      jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+      raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {trace_dir}")
+    with gzip.open(files[0], "rt") as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  kinds: Dict[str, List[float]] = {}
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") == "X" and KERNEL_NAME.match(name):
+      kind = kinds.setdefault(re.sub(r"\.\d+$", "", name), [0.0, 0.0])
+      kind[0] += 1 / steps
+      kind[1] += e.get("dur", 0) / 1e3 / steps
+  return kinds
+
+
+KERNEL_NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.\d+)?$")   # HLO names; not "Thunk::..", "$py"
+
+
+def bench_optim_kernels(args, done: Done) -> List[Row]:
+  """Which kernels an optimizer step runs and how long each kind takes: adamw, dmgd and
+  anderson on the optim_parts tree (--parts_tensors x --parts_shape), profiled over
+  --optim_steps steps (0: 4); the --kernels_top kinds of each, the rest, and the total.
+  The runtime runs independent kernels on several threads at once, so a total is the
+  executor's busy time, not the step's wall time (`optim_parts` has that): compare the
+  shares within an optimizer, not the totals between them."""
+  del done
+  shape = tuple(args.parts_shape)
+  tree = {f"w{i}": jnp.full(shape, 0.01, jnp.float32) for i in range(args.parts_tensors)}
+  grads = random_tree(tree, 1, 1e-3)
+  candidates = optim_part_candidates()
+  rows = []
+  for name in ("optax.adamw", "dmgd", "anderson"):
+    opt = candidates[name]
+
+    def step(carry, g, opt=opt):
+      p, s = carry
+      u, s = opt.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    params = jax.tree.map(lambda x: x + 0, tree)
+    kinds = kernel_profile(jax.jit(step, donate_argnums=0), (params, jax.jit(opt.init)(params)),
+                           grads, steps=args.optim_steps or 4)
+    ranked = sorted(kinds.items(), key=lambda kv: -kv[1][1])
+    total = sum(ms for _, ms in kinds.values())
+    rest = ranked[args.kernels_top:]
+    shown = ranked[:args.kernels_top] + [("(other kinds)", [sum(n for _, (n, _) in rest),
+                                                            sum(ms for _, (_, ms) in rest)])]
+    for kind, (n, ms) in shown + [("(total)", [sum(n for n, _ in kinds.values()), total])]:
+      rows.append(dict(optimizer=name, kernel=kind, per_step=n, ms_per_step=ms,
+                       share=ms / total if total else NAN))
+  print_table(f"optim_kernels: {args.parts_tensors} x {list(shape)}, mean of "
+              f"{args.optim_steps or 4} steps [{platform()}]", rows)
   return rows
 
 
@@ -621,7 +724,10 @@ def host_peak_rss_gib() -> float:
 
 def bench_model(args, done: Done) -> List[Row]:
   """The whole jitted train step (forward, backward, optimizer) per config, dtype and
-  optimizer; `vs_adamw`: step time over the adamw step of the same config and dtype.
+  optimizer; `vs_adamw`: step time over the adamw step of the same config and dtype
+  (with other optimizers, adamw runs first and again last, `bracketed`, and the ratio
+  divides by the mean of its two rows: the steps of one process drift with the host's
+  memory state, and the first-measured optimizer would otherwise carry all of it).
 
   Random inputs with full-length masks. Memory: XLA's compiled analysis of the step
   (params, optimizer state, batch, activations), the device's peak where reported, and
@@ -631,9 +737,8 @@ def bench_model(args, done: Done) -> List[Row]:
   rows = []
   for name in args.model_config:
     for dtype in dtypes():
-      group = [measure_train_step(args, done, name, dtype, o) for o in optimizers]
-      for r in group:
-        r["vs_adamw"] = r["step_s"] / group[0]["step_s"]
+      group = [measure_train_step(args, done, name, dtype, o) for o in bracketed(optimizers)]
+      ratio_to_baseline(group, "step_s", lambda r: r["optimizer"] == "adamw")
       rows += group
       print_table(f"model: train step of {name}, {dtype} [{platform()}]", group)
   return rows
@@ -763,6 +868,7 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace, Done], List[Row]]] = {
     "hope": bench_hope,
     "optim": bench_optim,
     "optim_parts": bench_optim_parts,
+    "optim_kernels": bench_optim_kernels,
     "model": bench_model,
     "accum": bench_accum,
     "input": bench_input,
@@ -798,6 +904,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--parts_shape", type=csv(int), default=[2048, 512])
   p.add_argument("--parts_tensors", type=int, default=40)
   p.add_argument("--parts_fresh_n", type=int, default=4096)
+  p.add_argument("--kernels_top", type=int, default=6)
   p.add_argument("--model_config", type=csv(), default=default_model_configs())
   p.add_argument("--own_shapes", type=csv(), default=["demo"])
   p.add_argument("--model_overrides", type=csv(), default=["model.max_frames=400"])

@@ -16,11 +16,21 @@ def positive(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def test_baseline_runs_first_and_last_and_ratios_use_the_mean_of_both():
+  bench = load_benchmark()
+  assert bench.bracketed(["adamw", "dmgd", "anderson"]) == ["adamw", "dmgd", "anderson",
+                                                            "adamw"]
+  assert bench.bracketed(["adamw"]) == ["adamw"]
+  rows = [dict(opt="adamw", t=1.0), dict(opt="dmgd", t=4.0), dict(opt="adamw", t=3.0)]
+  bench.ratio_to_baseline(rows, "t", lambda r: r["opt"] == "adamw")
+  assert [r["vs_adamw"] for r in rows] == [0.5, 2.0, 1.5]
+
+
 @pytest.mark.slow  # five benchmark sections, ~80 s: the slow tier (CI runs it)
 def test_peak_memory_optim_figures(tmp_path):
   out = tmp_path / "figures.json"
   assert load_benchmark().main([
-      "--only", "memory,hope,optim,optim_parts", "--json", str(out), "--repeats", "1",
+      "--only", "memory,hope,optim,optim_parts,optim_kernels", "--json", str(out), "--repeats", "1",
       "--peak_n", "128", "--batch", "1", "--seq_len", "16", "--memory_width", "64",
       "--chunk_size", "8", "--sweep", "", "--optim_config", "demo",
       "--optim_names", "adamw,anderson,anderson-bf16", "--optim_steps", "2",
@@ -28,7 +38,8 @@ def test_peak_memory_optim_figures(tmp_path):
       "--hope_chunk_size", "4", "--parts_shape", "64,32", "--parts_tensors", "2",
       "--parts_fresh_n", "64"]) == 0
   figures = json.loads(out.read_text())
-  assert list(figures) == ["meta", "peak", "memory", "hope", "optim", "optim_parts"]
+  assert list(figures) == ["meta", "peak", "memory", "hope", "optim", "optim_parts",
+                           "optim_kernels"]
 
   assert [r["dtype"] for r in figures["peak"]] == ["float32", "bfloat16"]
   for r in figures["peak"]:
@@ -52,12 +63,13 @@ def test_peak_memory_optim_figures(tmp_path):
       assert positive(r[key]), (key, r)
 
   optim = figures["optim"]
-  assert [r["optimizer"] for r in optim] == ["optax.adamw", "levels:adamw",
-                                             "levels:anderson", "levels:anderson-bf16"]
+  assert [r["optimizer"] for r in optim] == [
+      "optax.adamw", "clip + optax.adamw", "levels:adamw", "levels:anderson",
+      "levels:anderson-bf16", "optax.adamw"]
   # m = 3: 7 float32 copies of the parameters; with bfloat16 rings 2 + 6 halves = 5
   # (plus, in both, the slower levels' gradient accumulators: under one copy).
-  assert 0.6 < optim[3]["state_mib"] / optim[2]["state_mib"] < 0.75
-  assert optim[0]["vs_adamw"] == 1.0
+  assert 0.6 < optim[4]["state_mib"] / optim[3]["state_mib"] < 0.75
+  assert math.isclose(optim[0]["vs_adamw"] + optim[-1]["vs_adamw"], 2.0)
   for r in optim:
     assert r["steps"] == 2
     for key in ("ms_per_step", "ms_max", "state_mib", "vs_adamw"):
@@ -72,6 +84,18 @@ def test_peak_memory_optim_figures(tmp_path):
   for r in parts:
     assert positive(r["ms"]) and math.isclose(r["mib"], 64 * 32 * 4 * 2 / 2**20 if "x [" in r["part"]
                                               else 64 * 64 * 4 / 2**20), r
+
+
+  kernels = figures["optim_kernels"]
+  for name in ("optax.adamw", "dmgd", "anderson"):
+    mine = [r for r in kernels if r["optimizer"] == name]
+    assert mine[-1]["kernel"] == "(total)" and mine[-2]["kernel"] == "(other kinds)"
+    assert len(mine) <= 6 + 2 and all(r["ms_per_step"] >= 0 for r in mine), mine
+    assert math.isclose(sum(r["ms_per_step"] for r in mine[:-1]), mine[-1]["ms_per_step"])
+    assert positive(mine[-1]["ms_per_step"]) and mine[-1]["per_step"] >= 3, mine
+  totals = {r["optimizer"]: r for r in kernels if r["kernel"] == "(total)"}
+  # Anderson runs more kernels than AdamW (reductions, ring writes): the trace sees them.
+  assert totals["anderson"]["per_step"] > totals["optax.adamw"]["per_step"]
 
 
 @pytest.mark.slow  # two compiles of the demo train step: the slow tier (CI runs it)
