@@ -563,16 +563,19 @@ def bench_optim_parts(args, done: Done) -> List[Row]:
 
 def kernel_profile(step: Callable, carry, *rest, steps: int) -> Dict[str, List[float]]:
   """{kernel kind: [kernels per step, ms per step]} over `steps` runs of
-  `carry = step(carry, *rest)`, from a jax.profiler trace (its Perfetto JSON).
+  `carry = step(carry, *rest)`, from a jax.profiler trace (the trace viewer's
+  `<host>.trace.json.gz`, Chrome trace events).
 
   XLA's CPU runtime records every thunk it executes (a fusion, a library reduction, a
-  copy) under its HLO name; the kind is that name without its ".N" suffix
-  ("multiply_add_fusion", "ynn_fusion", "copy"). The durations are summed, so a kind's
-  time is what it occupies the executor, not wall time.
+  copy) under its HLO name; the kind is that name without its ".N" / ".clone" suffixes
+  ("multiply_add_fusion", "ynn_fusion", "copy"). Control-flow thunks (a conditional, a
+  while loop, a call) are left out: their time is that of the kernels inside them,
+  which are counted themselves. The durations are summed, so a kind's time is what it
+  occupies the executor, not wall time.
   """
   carry = jax.block_until_ready(step(carry, *rest))              # compiled and warm
   with tempfile.TemporaryDirectory() as trace_dir:
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    jax.profiler.start_trace(trace_dir)
     try:
       for _ in range(steps):
         carry = jax.block_until_ready(step(carry, *rest))
@@ -587,14 +590,21 @@ def kernel_profile(step: Callable, carry, *rest, steps: int) -> Dict[str, List[f
   kinds: Dict[str, List[float]] = {}
   for e in events:
     name = e.get("name", "")
-    if e.get("ph") == "X" and KERNEL_NAME.match(name):
-      kind = kinds.setdefault(re.sub(r"\.\d+$", "", name), [0.0, 0.0])
-      kind[0] += 1 / steps
-      kind[1] += e.get("dur", 0) / 1e3 / steps
+    if e.get("ph") != "X" or not KERNEL_NAME.match(name):
+      continue
+    kind_name = re.sub(r"(\.(\d+|clone))+$", "", name)
+    if kind_name in CONTROL_FLOW:
+      continue
+    kind = kinds.setdefault(kind_name, [0.0, 0.0])
+    kind[0] += 1 / steps
+    kind[1] += e.get("dur", 0) / 1e3 / steps
   return kinds
 
 
-KERNEL_NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.\d+)?$")   # HLO names; not "Thunk::..", "$py"
+# HLO instruction names ("add_divide_fusion.3", "copy.38"); the trace's other events are
+# "ThunkExecutor::Execute", "PjitFunction(step)", "$api.py:..." or "end: ...".
+KERNEL_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
+CONTROL_FLOW = frozenset({"cond", "conditional", "while", "call"})
 
 
 def bench_optim_kernels(args, done: Done) -> List[Row]:
@@ -727,7 +737,8 @@ def bench_model(args, done: Done) -> List[Row]:
   optimizer; `vs_adamw`: step time over the adamw step of the same config and dtype
   (with other optimizers, adamw runs first and again last, `bracketed`, and the ratio
   divides by the mean of its two rows: the steps of one process drift with the host's
-  memory state, and the first-measured optimizer would otherwise carry all of it).
+  memory state, and the first-measured optimizer would otherwise carry all of it; the
+  price is a second compile and run of the adamw step).
 
   Random inputs with full-length masks. Memory: XLA's compiled analysis of the step
   (params, optimizer state, batch, activations), the device's peak where reported, and
@@ -804,7 +815,7 @@ def step_consumption(args, done: Done) -> float:
   `model` section's row of this run, else measured now."""
   if args.step_examples_per_s > 0:
     return args.step_examples_per_s
-  for r in done.get("model", []):
+  for r in done.get("model", []):   # the first adamw row (with others: one of two)
     if (r["config"], r["dtype"], r["optimizer"]) == ("demo", "float32", "adamw"):
       return float(r["examples_per_s"])
   demo_args = argparse.Namespace(**{**vars(args), "own_shapes": ["demo"]})

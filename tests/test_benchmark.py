@@ -26,7 +26,7 @@ def test_baseline_runs_first_and_last_and_ratios_use_the_mean_of_both():
   assert [r["vs_adamw"] for r in rows] == [0.5, 2.0, 1.5]
 
 
-@pytest.mark.slow  # five benchmark sections, ~80 s: the slow tier (CI runs it)
+@pytest.mark.slow  # six benchmark sections, ~90 s: the slow tier (CI runs it)
 def test_peak_memory_optim_figures(tmp_path):
   out = tmp_path / "figures.json"
   assert load_benchmark().main([

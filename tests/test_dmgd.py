@@ -172,6 +172,28 @@ def test_heavy_ball_through_the_deep_memory_code_path():
     assert not np.allclose(p1[name], params[name])
 
 
+@pytest.mark.parametrize("activation", ["cubic", "tanh"])
+def test_full_read_equals_the_matrix_form_of_the_mlp(activation):
+  """residual (the read over every coordinate, written per unit and, for the cubic, as
+  y (w2 + c y^2)) against the MLP as a matrix product with the activation as the module
+  doc states it, NumPy in float64; pre-activations reach past the cubic's clip at 1.5."""
+  rng = np.random.default_rng(2)
+  phi = {"w1": rng.normal(size=(2, 6)), "b1": rng.normal(size=6) * 0.5,
+         "w2": rng.normal(size=6)}
+  a, b = rng.normal(size=(2, 40, 3)) * 2.0
+  pre = np.stack([a, b], -1) @ phi["w1"] + phi["b1"]                      # [40, 3, H]
+  assert np.abs(pre).max() > 3.0 and np.abs(pre).min() < 1.0
+  if activation == "tanh":
+    act = np.tanh(pre)
+  else:
+    y = np.clip(pre, -1.5, 1.5)
+    act = y - 4.0 / 27.0 * y ** 3
+  want = act @ phi["w2"]
+  got = dmgd_lib.residual(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), phi),
+                          jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), activation)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 def test_sampled_phi_gradient_close_to_exact():
   """phi_sample = 4096 on a [512, 512] leaf (stride 65, K = 4032) against the exact step
   over 10 steps: phi's displacement from phi_0 and the updates agree within 5%."""
