@@ -67,6 +67,7 @@ def test_records_follow_the_mocked_dataset(tmp_path, caplog):
   assert set(handle.tokenizer.words) & set(" ".join(want).split())
 
 
+@pytest.mark.slow  # train, resume, evaluate (42 s): the slow tier (CI runs it)
 def test_trains_and_resumes_image_text_only(tmp_path, caplog):
   """Two steps, then the same workdir continued to four; the eval files list only the
   image-text directions and the tokenizer is the one fitted on the TFDS captions."""
