@@ -450,16 +450,19 @@ def optim_candidates(config_name: str,
   return out
 
 
-def measure_optimizer(opt, params, grads, steps: int) -> Row:
-  """Mean and max step time over `steps` steps (after one warm-up step)."""
-  state = jax.jit(opt.init)(params)
-
+def optimizer_step(opt: optax.GradientTransformation) -> Callable:
+  """(params, state), grads -> (params, state): update + apply, jitted, carry donated."""
   def step(carry, g):
     p, s = carry
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s
+  return jax.jit(step, donate_argnums=0)
 
-  step, compile_s, mem = compile_timed(jax.jit(step, donate_argnums=0), (params, state), grads)
+
+def measure_optimizer(opt, params, grads, steps: int) -> Row:
+  """Mean and max step time over `steps` steps (after one warm-up step)."""
+  state = jax.jit(opt.init)(params)
+  step, compile_s, mem = compile_timed(optimizer_step(opt), (params, state), grads)
   state_mib = tree_mib(state)
   times, _ = carried_times(step, (params, state), grads, steps=steps)
   return dict(state_mib=state_mib, compile_s=compile_s, steps=len(times),
@@ -583,7 +586,7 @@ def kernel_profile(step: Callable, carry, *rest, steps: int) -> Dict[str, List[f
       jax.profiler.stop_trace()
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if not files:
-      raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {trace_dir}")
+      raise RuntimeError(f"jax.profiler wrote no trace.json.gz under {trace_dir}")
     with gzip.open(files[0], "rt") as f:
       trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -622,15 +625,9 @@ def bench_optim_kernels(args, done: Done) -> List[Row]:
   rows = []
   for name in ("optax.adamw", "dmgd", "anderson"):
     opt = candidates[name]
-
-    def step(carry, g, opt=opt):
-      p, s = carry
-      u, s = opt.update(g, s, p)
-      return optax.apply_updates(p, u), s
-
     params = jax.tree.map(lambda x: x + 0, tree)
-    kinds = kernel_profile(jax.jit(step, donate_argnums=0), (params, jax.jit(opt.init)(params)),
-                           grads, steps=args.optim_steps or 4)
+    kinds = kernel_profile(optimizer_step(opt), (params, jax.jit(opt.init)(params)), grads,
+                           steps=args.optim_steps or 4)
     ranked = sorted(kinds.items(), key=lambda kv: -kv[1][1])
     total = sum(ms for _, ms in kinds.values())
     rest = ranked[args.kernels_top:]
