@@ -399,8 +399,14 @@ SHRINK = ["model.image_size=32", "model.max_frames=64", "model.max_text_len=16",
           "model.memory.form=recurrent"]
 
 
-@pytest.mark.parametrize("name,block", [(n, "nl") for n in CONFIGS]
-                         + [("demo", "hope"), ("demo", "attention")])
+# The three slowest cases (20-40 s each: the wide configs compile at XLA's default
+# optimisation; HOPE's recurrent memory) run in the slow tier, which CI runs too.
+_SLOW_MESH_CASES = {("medium", "nl"), ("large", "nl"), ("demo", "hope")}
+
+
+@pytest.mark.parametrize("name,block", [
+    pytest.param(n, b, marks=[pytest.mark.slow] if (n, b) in _SLOW_MESH_CASES else [])
+    for n, b in [(n, "nl") for n in CONFIGS] + [("demo", "hope"), ("demo", "attention")]])
 def test_config_trains_on_two_device_mesh(name, block):
   """Real widths/heads/vocab, small inputs and depth: forward+backward under jit, sharded."""
   # The HOPE memory likewise as its recurrent oracle (tests/test_titans.py ties the forms).

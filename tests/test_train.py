@@ -412,7 +412,10 @@ def test_non_finite_loss_stops_with_message(corpus, tmp_path, monkeypatch):
   finite parameters."""
   import orbax.checkpoint as ocp
   from nlmm_jax.data import pipeline
-  c = tiny_config(corpus / "corpus", corpus / "cache", total_steps=6, eval_every=100,
+  # total_steps 4, the tiny job's: the same train step as the session's other tiny runs,
+  # so the session's compilation cache serves it (the learning-rate schedule is compiled
+  # in); the NaN at step 3 stops the job first.
+  c = tiny_config(corpus / "corpus", corpus / "cache", total_steps=4, eval_every=100,
                   checkpoint_every=2)
   make_iter = pipeline.train_iterator
   monkeypatch.setattr(pipeline, "train_iterator",
@@ -443,7 +446,8 @@ def test_non_finite_embeddings_stop_the_job(corpus, tmp_path, monkeypatch):
   """A NaN embedding at a dev evaluation stops the run (no checkpoint of that state) with
   the modality, the count and the last good checkpoint, as a non-finite loss does."""
   from nlmm_jax import evaluate
-  c = tiny_config(corpus / "corpus", corpus / "cache", total_steps=2, eval_every=2)
+  # total_steps 4 as in the test above (the compilation cache); the job stops at step 2.
+  c = tiny_config(corpus / "corpus", corpus / "cache", total_steps=4, eval_every=2)
   embed_all = evaluate.embed_all
 
   def nan_text(*args, **kwargs):
