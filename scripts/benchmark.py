@@ -564,6 +564,12 @@ def bench_optim_parts(args, done: Done) -> List[Row]:
   return rows
 
 
+# HLO instruction names ("add_divide_fusion.3", "copy.38"); the trace's other events are
+# "ThunkExecutor::Execute", "PjitFunction(step)", "$api.py:..." or "end: ...".
+KERNEL_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
+CONTROL_FLOW = frozenset({"cond", "conditional", "while", "call"})
+
+
 def kernel_profile(step: Callable, carry, *rest, steps: int) -> Dict[str, List[float]]:
   """{kernel kind: [kernels per step, ms per step]} over `steps` runs of
   `carry = step(carry, *rest)`, from a jax.profiler trace (the trace viewer's
@@ -604,10 +610,15 @@ def kernel_profile(step: Callable, carry, *rest, steps: int) -> Dict[str, List[f
   return kinds
 
 
-# HLO instruction names ("add_divide_fusion.3", "copy.38"); the trace's other events are
-# "ThunkExecutor::Execute", "PjitFunction(step)", "$api.py:..." or "end: ...".
-KERNEL_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
-CONTROL_FLOW = frozenset({"cond", "conditional", "while", "call"})
+def top_kinds(kinds: Dict[str, List[float]], top: int) -> List[Row]:
+  """The `top` kinds of `kernel_profile` by time, then "(other kinds)" and "(total)"."""
+  ranked = sorted(kinds.items(), key=lambda kv: -kv[1][1])
+  summed = lambda items: [sum(n for _, (n, _) in items), sum(ms for _, (_, ms) in items)]
+  total = summed(ranked)[1]
+  shown = ranked[:top] + [("(other kinds)", summed(ranked[top:])),
+                          ("(total)", summed(ranked))]
+  return [dict(kernel=kind, per_step=n, ms_per_step=ms, share=ms / total if total else NAN)
+          for kind, (n, ms) in shown]
 
 
 def bench_optim_kernels(args, done: Done) -> List[Row]:
@@ -628,14 +639,7 @@ def bench_optim_kernels(args, done: Done) -> List[Row]:
     params = jax.tree.map(lambda x: x + 0, tree)
     kinds = kernel_profile(optimizer_step(opt), (params, jax.jit(opt.init)(params)), grads,
                            steps=args.optim_steps or 4)
-    ranked = sorted(kinds.items(), key=lambda kv: -kv[1][1])
-    total = sum(ms for _, ms in kinds.values())
-    rest = ranked[args.kernels_top:]
-    shown = ranked[:args.kernels_top] + [("(other kinds)", [sum(n for _, (n, _) in rest),
-                                                            sum(ms for _, (_, ms) in rest)])]
-    for kind, (n, ms) in shown + [("(total)", [sum(n for n, _ in kinds.values()), total])]:
-      rows.append(dict(optimizer=name, kernel=kind, per_step=n, ms_per_step=ms,
-                       share=ms / total if total else NAN))
+    rows += [dict(optimizer=name, **r) for r in top_kinds(kinds, args.kernels_top)]
   print_table(f"optim_kernels: {args.parts_tensors} x {list(shape)}, mean of "
               f"{args.optim_steps or 4} steps [{platform()}]", rows)
   return rows

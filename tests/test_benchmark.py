@@ -85,7 +85,6 @@ def test_peak_memory_optim_figures(tmp_path):
     assert positive(r["ms"]) and math.isclose(r["mib"], 64 * 32 * 4 * 2 / 2**20 if "x [" in r["part"]
                                               else 64 * 64 * 4 / 2**20), r
 
-
   kernels = figures["optim_kernels"]
   for name in ("optax.adamw", "dmgd", "anderson"):
     mine = [r for r in kernels if r["optimizer"] == name]
